@@ -1,0 +1,32 @@
+-- Assign the next offset of a room, store the message in its history and publish it, atomically,
+-- so that history order and live order can never disagree.
+--
+-- KEYS[1]  meta hash of the room   (fields: offset, epoch)
+-- KEYS[2]  history stream of the room
+-- ARGV[1]  pub/sub channel of the room
+-- ARGV[2]  message envelope without its closing brace (see protocol.message_prefix)
+-- ARGV[3]  origin conn_id
+-- ARGV[4]  history size (0 = keep no history)
+-- ARGV[5]  history TTL in milliseconds (0 = no expiry)
+-- ARGV[6]  epoch to use if the room has none yet (its history is new or was lost)
+-- ARGV[7]  publish timestamp, unix microseconds (for fan-out latency)
+-- Returns {offset, epoch}.
+local epoch = redis.call('HGET', KEYS[1], 'epoch')
+if not epoch then
+  epoch = ARGV[6]
+  redis.call('HSET', KEYS[1], 'epoch', epoch)
+  redis.call('DEL', KEYS[2])  -- a leftover stream of a lost epoch must not block new IDs
+end
+local offset = redis.call('HINCRBY', KEYS[1], 'offset', 1)
+local payload = ARGV[2] .. ',"offset":' .. offset .. ',"epoch":"' .. epoch .. '"}'
+local size = tonumber(ARGV[4])
+if size > 0 then
+  redis.call('XADD', KEYS[2], 'MAXLEN', size, offset .. '-0', 'm', payload)
+end
+local ttl = tonumber(ARGV[5])
+if ttl > 0 then
+  redis.call('PEXPIRE', KEYS[1], ttl)
+  if size > 0 then redis.call('PEXPIRE', KEYS[2], ttl) end
+end
+redis.call('PUBLISH', ARGV[1], offset .. ' ' .. epoch .. ' ' .. ARGV[7] .. ' ' .. ARGV[3] .. '\n' .. payload)
+return {offset, epoch}

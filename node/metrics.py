@@ -1,0 +1,47 @@
+"""Prometheus metrics of one node, in a registry of its own (served at GET /metrics)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+# Fan-out latency buckets: sub-millisecond to seconds, dense where broadcast latency lives.
+LATENCY_BUCKETS = (
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.connections = Gauge(
+            "roomcast_connections", "Open WebSocket connections", ["dialect"], registry=r
+        )
+        self.rooms = Gauge("roomcast_rooms", "Rooms with at least one local member", registry=r)
+        self.messages_in = Counter(
+            "roomcast_messages_in", "Client frames received", ["type"], registry=r
+        )
+        self.messages_out = Counter(
+            "roomcast_messages_out", "Frames queued to clients by fan-out", registry=r
+        )
+        self.publications = Counter(
+            "roomcast_publications", "Messages accepted and published by this node", registry=r
+        )
+        self.errors = Counter(
+            "roomcast_errors", "Error envelopes and error closes sent", ["code"], registry=r
+        )
+        self.closes = Counter(
+            "roomcast_closes", "Connections closed, by close code", ["code"], registry=r
+        )
+        self.fanout_latency = Histogram(
+            "roomcast_fanout_latency_seconds",
+            "Publish time to the moment this node queued the frame to its members",
+            buckets=LATENCY_BUCKETS, registry=r,
+        )
+        self.broker_up = Gauge(
+            "roomcast_broker_up", "1 while the fan-out backend is reachable", registry=r
+        )
+        self.ready = Gauge("roomcast_ready", "1 while accepting connections", registry=r)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,287 @@
+"""The native protocol's sans-I/O core: parse client frames, build server envelopes.
+
+No asyncio, no sockets, no Redis: every function here maps bytes or values to values and is tested
+without a network (tests/unit/test_protocol.py). docs/PROTOCOL.md documents every envelope built
+here. Envelopes are encoded once, with orjson, into the exact bytes that clients receive.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any, Final
+
+import orjson
+
+ROOM_RE: Final = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
+MAX_ID_LENGTH: Final = 64
+MAX_HISTORY_LIMIT: Final = 1000
+
+
+class ErrorCode:
+    """The ``code`` values of ``error`` envelopes. PROTOCOL.md lists each with its meaning."""
+
+    BAD_REQUEST: Final = "bad_request"
+    UNKNOWN_TYPE: Final = "unknown_type"
+    RATE_LIMITED: Final = "rate_limited"
+    TOO_MANY_ROOMS: Final = "too_many_rooms"
+    NOT_JOINED: Final = "not_joined"
+    UNAVAILABLE: Final = "unavailable"
+    NICK_TAKEN: Final = "nick_taken"
+    INTERNAL: Final = "internal"
+
+
+class ProtocolError(Exception):
+    """A client request that cannot be served; becomes an ``error`` envelope, never a close."""
+
+    def __init__(self, code: str, message: str, request_id: Any = None, **extra: Any) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.request_id = request_id
+        self.extra = extra
+
+
+@dataclass(frozen=True, slots=True)
+class Since:
+    """A recovery position: the last offset a client saw in a given epoch of a room."""
+
+    offset: int
+    epoch: str
+
+
+@dataclass(frozen=True, slots=True)
+class Join:
+    room: str
+    id: Any = None
+    since: Since | None = None
+    nick: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Leave:
+    room: str
+    id: Any = None
+
+
+@dataclass(frozen=True, slots=True)
+class Publish:
+    room: str
+    data: Any
+    id: Any = None
+
+
+@dataclass(frozen=True, slots=True)
+class Typing:
+    room: str
+    id: Any = None
+
+
+@dataclass(frozen=True, slots=True)
+class Ping:
+    id: Any = None
+
+
+@dataclass(frozen=True, slots=True)
+class Presence:
+    room: str
+    id: Any = None
+
+
+@dataclass(frozen=True, slots=True)
+class History:
+    room: str
+    limit: int | None = None
+    since: Since | None = None
+    id: Any = None
+
+
+Request = Join | Leave | Publish | Typing | Ping | Presence | History
+
+REQUEST_TYPES: Final = ("join", "leave", "publish", "typing", "ping", "presence", "history")
+
+
+def valid_room(name: object) -> bool:
+    """True for 1-64 characters of ``[A-Za-z0-9_.:-]``."""
+    return isinstance(name, str) and ROOM_RE.fullmatch(name) is not None
+
+
+def decode_json(frame: str | bytes) -> Any:
+    """Parse a text frame as JSON; raise ProtocolError(bad_request) when it is not JSON."""
+    try:
+        return orjson.loads(frame)
+    except orjson.JSONDecodeError:
+        raise ProtocolError(ErrorCode.BAD_REQUEST, "frame is not valid JSON") from None
+
+
+def parse_request(frame: str | bytes) -> Request:
+    """Parse one client text frame into a typed request.
+
+    Raises ProtocolError with ``bad_request`` (not JSON, not an object, missing or invalid field)
+    or ``unknown_type``; the error carries the request's ``id`` when one could be read.
+    """
+    if isinstance(frame, bytes | bytearray | memoryview):
+        raise ProtocolError(
+            ErrorCode.BAD_REQUEST, "binary frames are not accepted; send JSON in a text frame"
+        )
+    return parse_object(decode_json(frame))
+
+
+def parse_object(obj: Any) -> Request:
+    """Validate an already decoded JSON value as a request (see parse_request)."""
+    if not isinstance(obj, dict):
+        raise ProtocolError(ErrorCode.BAD_REQUEST, "a request must be a JSON object")
+    request_id = obj.get("id")
+    if request_id is not None and not (
+        (isinstance(request_id, str) and len(request_id) <= MAX_ID_LENGTH)
+        or (isinstance(request_id, int) and not isinstance(request_id, bool))
+    ):
+        raise ProtocolError(ErrorCode.BAD_REQUEST, "id must be a string (<= 64) or an integer")
+    kind = obj.get("type")
+    if not isinstance(kind, str):
+        raise ProtocolError(ErrorCode.BAD_REQUEST, "missing string field 'type'", request_id)
+    if kind == "ping":
+        return Ping(request_id)
+    if kind not in REQUEST_TYPES:
+        raise ProtocolError(
+            ErrorCode.UNKNOWN_TYPE, f"unknown type {kind[:32]!r}", request_id
+        )
+    room = obj.get("room")
+    if not valid_room(room):
+        raise ProtocolError(
+            ErrorCode.BAD_REQUEST,
+            "room must be 1-64 characters of letters, digits and _ . : -",
+            request_id,
+        )
+    assert isinstance(room, str)
+    if kind == "publish":
+        if "data" not in obj:
+            raise ProtocolError(ErrorCode.BAD_REQUEST, "publish needs a 'data' field", request_id)
+        return Publish(room, obj["data"], request_id)
+    if kind == "join":
+        nick = obj.get("nick")
+        if nick is not None and (not isinstance(nick, str) or not nick.strip()):
+            raise ProtocolError(ErrorCode.BAD_REQUEST, "nick must be a non-empty string",
+                                request_id)
+        return Join(room, request_id, _parse_since(obj.get("since"), request_id),
+                    nick.strip() if nick else None)
+    if kind == "leave":
+        return Leave(room, request_id)
+    if kind == "typing":
+        return Typing(room, request_id)
+    if kind == "presence":
+        return Presence(room, request_id)
+    limit = obj.get("limit")
+    if limit is not None and (
+        not isinstance(limit, int) or isinstance(limit, bool)
+        or not 1 <= limit <= MAX_HISTORY_LIMIT
+    ):
+        raise ProtocolError(
+            ErrorCode.BAD_REQUEST, f"limit must be an integer from 1 to {MAX_HISTORY_LIMIT}",
+            request_id,
+        )
+    return History(room, limit, _parse_since(obj.get("since"), request_id), request_id)
+
+
+def _parse_since(value: Any, request_id: Any) -> Since | None:
+    if value is None:
+        return None
+    if (
+        isinstance(value, dict)
+        and isinstance(value.get("offset"), int)
+        and not isinstance(value.get("offset"), bool)
+        and value["offset"] >= 0
+        and isinstance(value.get("epoch"), str)
+    ):
+        return Since(value["offset"], value["epoch"])
+    raise ProtocolError(
+        ErrorCode.BAD_REQUEST,
+        "since must be {\"offset\": integer >= 0, \"epoch\": string}",
+        request_id,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Server -> client envelopes. Each returns the exact bytes sent in a text frame.
+
+
+def _with_id(body: dict[str, Any], request_id: Any) -> bytes:
+    if request_id is not None:
+        body["id"] = request_id
+    return orjson.dumps(body)
+
+
+def welcome(conn_id: str, node_id: str) -> bytes:
+    return orjson.dumps({"type": "welcome", "conn_id": conn_id, "node_id": node_id})
+
+
+def pong(request_id: Any = None) -> bytes:
+    return _with_id({"type": "pong"}, request_id)
+
+
+def error(code: str, message: str, request_id: Any = None, **extra: Any) -> bytes:
+    return _with_id({"type": "error", "code": code, "message": message, **extra}, request_id)
+
+
+def error_from(exc: ProtocolError) -> bytes:
+    return error(exc.code, exc.message, exc.request_id, **exc.extra)
+
+
+def joined(room: str, request_id: Any = None, **extra: Any) -> bytes:
+    return _with_id({"type": "joined", "room": room, **extra}, request_id)
+
+
+def left(room: str, request_id: Any = None) -> bytes:
+    return _with_id({"type": "left", "room": room}, request_id)
+
+
+def published(room: str, offset: int, epoch: str, request_id: Any = None) -> bytes:
+    """The publisher's acknowledgement: its message was accepted and got this offset."""
+    return _with_id({"type": "published", "room": room, "offset": offset, "epoch": epoch},
+                    request_id)
+
+
+def presence_reply(room: str, members: list[dict[str, Any]], request_id: Any = None) -> bytes:
+    users = {m["user_id"] for m in members}
+    return _with_id(
+        {"type": "presence", "room": room, "members": members, "count": len(users)}, request_id
+    )
+
+
+def history_reply(
+    room: str, messages: list[bytes], offset: int, epoch: str, request_id: Any = None
+) -> bytes:
+    """Stored message envelopes spliced in verbatim: no decode/re-encode of history."""
+    head = _with_id(
+        {"type": "history", "room": room, "offset": offset, "epoch": epoch}, request_id
+    )
+    return head[:-1] + b',"messages":[' + b",".join(messages) + b"]}"
+
+
+def sender(user_id: str, username: str) -> dict[str, str]:
+    return {"user_id": user_id, "username": username}
+
+
+def message_prefix(room: str, data: Any, from_: dict[str, str], ts: int) -> bytes:
+    """A ``message`` envelope without its closing brace; finish_message adds offset and epoch.
+
+    Split so that the Redis Lua script can append the offset it assigns without parsing JSON:
+    the bytes built here, plus the suffix, are the exact bytes every member receives.
+    """
+    body = orjson.dumps({"type": "message", "room": room, "data": data, "from": from_, "ts": ts})
+    return body[:-1]
+
+
+def finish_message(prefix: bytes, offset: int, epoch: str) -> bytes:
+    """Close a message_prefix with its offset and epoch (same bytes as lua/publish.lua builds)."""
+    return prefix + b',"offset":%d,"epoch":"%s"}' % (offset, epoch.encode())
+
+
+def event(kind: str, room: str, **fields: Any) -> bytes:
+    """An ephemeral room event (typing, user_joined, user_left): not stored, no offset."""
+    return orjson.dumps({"type": kind, "room": room, **fields})
+
+
+def reconnect(retry_after_ms: int, rooms: dict[str, dict[str, Any]]) -> bytes:
+    """The drain hint sent just before a 1012 close."""
+    return orjson.dumps({"type": "reconnect", "retry_after_ms": retry_after_ms, "rooms": rooms})

@@ -1,0 +1,189 @@
+"""The Node: wires config, broker, presence, hub, handlers and HTTP routes, and owns the lifecycle.
+
+The backend is chosen in one place (``build_backends``): no Redis URL, memory; a URL, Redis.
+Shutdown is one idempotent path: readiness off, stop accepting, close connections, close the
+presence store (removing this node's entries) and the broker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+from typing import Any
+
+import structlog
+from websockets.asyncio.server import Server, ServerConnection, serve
+
+from node import dialects
+from node.broker import Broker, MemoryBroker
+from node.closecodes import CloseCode
+from node.config import Config
+from node.handlers import Handlers
+from node.http import HttpRoutes
+from node.hub import Hub
+from node.keys import Keys
+from node.metrics import Metrics
+from node.presence import MemoryPresence, PresenceStore
+from node.protocol import event
+from node.session import Session
+
+log = structlog.get_logger("roomcast.node")
+
+
+def build_backends(config: Config) -> tuple[Broker, PresenceStore]:
+    """Memory backends for a lone node, Redis ones when a URL is configured."""
+    if config.redis_url is None:
+        return (
+            MemoryBroker(config.history_size, config.history_ttl),
+            MemoryPresence(config.node_id, config.presence_grace),
+        )
+    from node.broker_redis import RedisBroker
+    from node.presence_redis import RedisPresence
+
+    keys = Keys(config.redis_prefix)
+    broker = RedisBroker(config.redis_url, keys, config.history_size, config.history_ttl)
+    presence = RedisPresence(
+        broker.redis, keys, config.node_id, config.presence_grace, config.node_lease_ttl
+    )
+    return broker, presence
+
+
+class Node:
+    """One roomcast node. ``await node.start()``, then ``await node.run()`` until a signal."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.node_id = config.node_id
+        self.metrics = Metrics()
+        self.broker, self.presence = build_backends(config)
+        self.hub = Hub(self.broker, self.metrics, config.unsubscribe_linger, dialects.ENCODERS)
+        self.handlers = Handlers(self)
+        self.http = HttpRoutes(self)
+        self.sessions: dict[str, Session] = {}
+        self.server: Server | None = None
+        self.port = 0
+        self._accepting = False
+        self._stopped = asyncio.Event()
+        self._shutdown_task: asyncio.Task[None] | None = None
+        self._signals = 0
+
+    # --- state seen by handlers and routes ------------------------------------------------------
+
+    @property
+    def accepting(self) -> bool:
+        return self._accepting
+
+    def register(self, session: Session) -> None:
+        self.sessions[session.conn_id] = session
+        self.metrics.connections.labels(dialect=session.dialect).inc()
+        self.presence.set_connection_count(len(self.sessions))
+
+    async def unregister(self, session: Session) -> None:
+        self.sessions.pop(session.conn_id, None)
+        self.metrics.connections.labels(dialect=session.dialect).dec()
+        self.presence.set_connection_count(len(self.sessions))
+        for room in list(session.rooms):
+            try:
+                await self.handlers.leave_room(session, room)
+            except Exception:
+                log.warning("presence cleanup failed", room=room, exc_info=True)
+
+    def client_address(self, ws: ServerConnection) -> str:
+        """The peer address, or X-Forwarded-For's last hop when the peer is a trusted proxy."""
+        peer = ws.remote_address[0] if ws.remote_address else ""
+        if peer in self.config.trusted_proxies and ws.request is not None:
+            forwarded = ws.request.headers.get("X-Forwarded-For", "")
+            if forwarded:
+                return forwarded.split(",")[-1].strip()
+        return str(peer)
+
+    async def stats(self) -> dict[str, Any]:
+        cluster = await self.presence.stats()
+        return {
+            "node_id": self.node_id,
+            "connections": len(self.sessions),
+            "rooms": self.hub.local_counts(),
+            "cluster": cluster,
+        }
+
+    async def user_left(self, room: str, user_id: str, username: str) -> None:
+        """Presence decided the user is gone: tell the room on every node."""
+        from node.handlers import now_ms
+
+        try:
+            await self.broker.publish_event(
+                room, event("user_left", room, user_id=user_id, username=username, ts=now_ms())
+            )
+        except Exception:
+            log.warning("could not announce user_left", room=room, exc_info=True)
+
+    # --- lifecycle ---------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Connect the backends and start listening; logs 'node started' with the bound port."""
+        structlog.contextvars.bind_contextvars(node_id=self.node_id)
+        await self.broker.start(self.hub.deliver)
+        wait = getattr(self.broker, "wait_connected", None)
+        if wait is not None and not await wait(5.0):
+            log.warning("starting without redis; publishes fail until it is reachable")
+        await self.presence.start(self.user_left)
+        cfg = self.config
+        self.server = await serve(
+            self.handlers.handle,
+            cfg.host,
+            cfg.port,
+            process_request=self.http.process_request,
+            compression="deflate" if cfg.compression else None,
+            max_size=cfg.max_message_size,
+            ping_interval=cfg.ping_interval or None,
+            ping_timeout=cfg.ping_timeout or None,
+            close_timeout=5,
+            server_header="roomcast",
+        )
+        sockname = next(iter(self.server.sockets)).getsockname()
+        self.port = sockname[1]
+        self._accepting = True
+        self.metrics.ready.set(1)
+        self.metrics.broker_up.set_function(lambda: 1.0 if self.broker.available else 0.0)
+        log.info(
+            "node started", host=cfg.host, port=self.port,
+            url=f"http://{cfg.host}:{self.port}/",
+            mode="cluster" if cfg.clustered else "embedded",
+        )
+
+    async def run(self) -> None:
+        """Serve until SIGTERM/SIGINT (or request_drain), then shut down."""
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._on_signal, sig)
+        await self._stopped.wait()
+
+    def _on_signal(self, sig: signal.Signals) -> None:
+        self._signals += 1
+        log.info("signal received", signal=sig.name)
+        self.request_drain()
+
+    def request_drain(self) -> None:
+        """Begin the shutdown path once; later calls are harmless."""
+        if self._shutdown_task is None:
+            self._shutdown_task = asyncio.ensure_future(self.shutdown())
+
+    async def shutdown(self, code: int = CloseCode.GOING_AWAY) -> None:
+        """Readiness off, stop accepting, close connections, close backends. Idempotent."""
+        if self._stopped.is_set():
+            return
+        self._accepting = False
+        self.metrics.ready.set(0)
+        log.info("node stopping", connections=len(self.sessions))
+        if self.server is not None:
+            self.server.close(close_connections=False)
+            for session in list(self.sessions.values()):
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(session.ws.close(code, "going away"), 2.0)
+            await self.server.wait_closed()
+        await self.hub.close()
+        await self.presence.close()
+        await self.broker.close()
+        log.info("node stopped")
+        self._stopped.set()
