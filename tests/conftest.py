@@ -1,0 +1,42 @@
+"""Fixtures that start real redis-server and node processes and always stop them by PID."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+import pytest
+
+from tests.harness import NodeProcess, RedisServer, find_binary
+
+
+@pytest.fixture
+def redis_server() -> Iterator[RedisServer]:
+    if find_binary("redis-server") is None:
+        pytest.fail("redis-server is not installed: run the README test command (./dev test)")
+    server = RedisServer()
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def start_node() -> Iterator[Callable[..., NodeProcess]]:
+    """Factory: start_node(redis_url=None, *flags, env=...) -> a started NodeProcess."""
+    nodes: list[NodeProcess] = []
+
+    def start(redis_url: str | None = None, *args: str, **kwargs: object) -> NodeProcess:
+        node = NodeProcess(redis_url, *args, **kwargs)  # type: ignore[arg-type]
+        nodes.append(node)
+        return node.start()
+
+    yield start
+    for node in nodes:
+        node.kill()
+
+
+@pytest.fixture
+def node(start_node: Callable[..., NodeProcess]) -> NodeProcess:
+    """One node in embedded mode (no Redis), short presence grace for fast tests."""
+    return start_node(None, "--presence-grace", "0.3", "--rate-burst", "500")

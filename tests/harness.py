@@ -1,0 +1,257 @@
+"""Real processes on loopback for the tests: redis-server, roomcast nodes, WebSocket clients.
+
+Every process gets an ephemeral port, is stopped by PID, and every wait is bounded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+from websockets.asyncio.client import ClientConnection, connect
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    """A port the kernel just handed out on 127.0.0.1 (closed again, so racy but rarely)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def find_binary(name: str) -> str | None:
+    """A system binary, also looked up in sbin directories that a user's PATH may lack."""
+    return shutil.which(name) or shutil.which(name, path="/usr/sbin:/sbin:/usr/local/sbin")
+
+
+async def wait_for(
+    predicate: Callable[[], Awaitable[bool] | bool], timeout: float = 10.0,
+    interval: float = 0.05, what: str = "condition",
+) -> None:
+    """Poll ``predicate`` until it is true; fail after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = predicate()
+        if asyncio.iscoroutine(result) or isinstance(result, Awaitable):
+            result = await result
+        if result:
+            return
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
+        await asyncio.sleep(interval)
+
+
+class RedisServer:
+    """A real redis-server on an ephemeral loopback port, without persistence."""
+
+    def __init__(self) -> None:
+        binary = find_binary("redis-server")
+        if binary is None:
+            raise RuntimeError("redis-server is not installed (./dev test installs it)")
+        self.binary = binary
+        self.port = free_port()
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self, timeout: float = 10.0) -> None:
+        self.proc = subprocess.Popen(
+            [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+             "--appendonly", "no", "--protected-mode", "no", "--loglevel", "warning"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"redis-server exited with {self.proc.returncode}")
+            with contextlib.suppress(OSError), socket.create_connection(
+                ("127.0.0.1", self.port), timeout=0.5
+            ) as sock:
+                sock.sendall(b"PING\r\n")
+                if sock.recv(16).startswith(b"+PONG"):
+                    return
+            time.sleep(0.02)
+        raise TimeoutError("redis-server did not answer PING")
+
+    def kill(self) -> None:
+        """SIGKILL by PID: Redis vanishes with its data, as in a crash."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(timeout=10)
+
+    def stop(self) -> None:
+        self.kill()
+
+
+class NodeProcess:
+    """A real ``python -m node`` process; its JSON log lines are collected as they come."""
+
+    def __init__(
+        self, redis_url: str | None = None, *args: str, env: dict[str, str] | None = None,
+        node_id: str | None = None,
+    ) -> None:
+        self.args = list(args)
+        self.redis_url = redis_url
+        self.env = env or {}
+        self.node_id = node_id
+        self.port = 0
+        self.proc: subprocess.Popen[str] | None = None
+        self.lines: list[dict[str, Any]] = []
+        self._reader: threading.Thread | None = None
+        self._started = threading.Event()
+
+    def command(self) -> list[str]:
+        cmd = [sys.executable, "-m", "node", "--host", "127.0.0.1", "--port", "0",
+               "--log-format", "json", "--log-level", "info", *self.args]
+        if self.redis_url:
+            cmd += ["--redis-url", self.redis_url]
+        if self.node_id:
+            cmd += ["--node-id", self.node_id]
+        return cmd
+
+    def start(self, timeout: float = 15.0) -> NodeProcess:
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", **self.env}
+        self.lines = []
+        self._started.clear()
+        self.proc = subprocess.Popen(
+            self.command(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            env=env, cwd=ROOT,
+        )
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+        if not self._started.wait(timeout):
+            self.kill()
+            raise TimeoutError(f"node did not start: {self.output()[-2000:]}")
+        return self
+
+    def _read(self) -> None:
+        assert self.proc is not None and self.proc.stdout is not None
+        for raw in self.proc.stdout:
+            try:
+                line = json.loads(raw)
+            except json.JSONDecodeError:
+                line = {"event": "raw", "text": raw.rstrip()}
+            self.lines.append(line)
+            if line.get("event") == "node started":
+                self.port = int(line["port"])
+                self.node_id = line.get("node_id", self.node_id)
+                self._started.set()
+
+    def output(self) -> str:
+        return "\n".join(json.dumps(line) for line in self.lines)
+
+    def logged(self, event: str) -> list[dict[str, Any]]:
+        return [line for line in self.lines if line.get("event") == event]
+
+    @property
+    def http(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def ws(self, path: str = "/ws") -> str:
+        return f"ws://127.0.0.1:{self.port}{path}"
+
+    def signal(self, sig: signal.Signals) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(sig)
+
+    def wait(self, timeout: float = 30.0) -> int:
+        assert self.proc is not None
+        code = self.proc.wait(timeout=timeout)
+        if self._reader is not None:
+            self._reader.join(timeout=5)
+        return code
+
+    def stop(self, timeout: float = 30.0) -> int | None:
+        """SIGTERM and wait; SIGKILL if it does not exit in time."""
+        if self.proc is None or self.proc.poll() is not None:
+            return None if self.proc is None else self.proc.returncode
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            raise
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(timeout=10)
+
+
+class Client:
+    """A WebSocket client that reads JSON envelopes with bounded waits."""
+
+    def __init__(self, ws: ClientConnection) -> None:
+        self.ws = ws
+        self.seen: list[dict[str, Any]] = []
+
+    @classmethod
+    async def open(cls, url: str, **kwargs: Any) -> Client:
+        ws = await asyncio.wait_for(connect(url, compression=None, **kwargs), 10)
+        return cls(ws)
+
+    async def send(self, obj: Any) -> None:
+        await self.ws.send(obj if isinstance(obj, str | bytes) else json.dumps(obj))
+
+    async def recv(self, timeout: float = 5.0) -> dict[str, Any]:
+        raw = await asyncio.wait_for(self.ws.recv(), timeout)
+        message: dict[str, Any] = json.loads(raw)
+        self.seen.append(message)
+        return message
+
+    async def expect(self, kind: str, timeout: float = 5.0, **fields: Any) -> dict[str, Any]:
+        """The next envelope of ``type`` kind (and the given field values), skipping others."""
+        deadline = time.monotonic() + timeout
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError(f"no {kind} {fields} within {timeout}s; saw {self.seen[-5:]}")
+            message = await self.recv(left)
+            if message.get("type") == kind and all(message.get(k) == v for k, v in fields.items()):
+                return message
+
+    async def request(self, obj: dict[str, Any], timeout: float = 5.0) -> dict[str, Any]:
+        """Send a request with an id and return the reply (or error) carrying that id."""
+        await self.send(obj)
+        deadline = time.monotonic() + timeout
+        while True:
+            message = await self.recv(max(0.01, deadline - time.monotonic()))
+            if message.get("id") == obj.get("id"):
+                return message
+
+    async def closed(self, timeout: float = 10.0) -> int | None:
+        """Read until the server closes; return its close code."""
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(self._drain(), timeout)
+        await asyncio.wait_for(self.ws.wait_closed(), timeout)
+        return self.ws.close_code
+
+    async def _drain(self) -> None:
+        async for _ in self.ws:
+            pass
+
+    async def close(self) -> None:
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(self.ws.close(), 5)
+
+
+async def native(node: NodeProcess, user_id: str, username: str | None = None) -> Client:
+    """A native client that has read its welcome."""
+    client = await Client.open(node.ws(f"/ws?user_id={user_id}&username={username or user_id}"))
+    await client.expect("welcome")
+    return client

@@ -1,0 +1,237 @@
+"""A lone node (embedded mode) over real sockets: native protocol, HTTP routes, bad input."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+from websockets.exceptions import InvalidStatus
+
+from tests.harness import Client, NodeProcess, native, wait_for
+
+
+def http_get(url: str) -> tuple[int, bytes, str]:
+    try:
+        with urllib.request.urlopen(url, timeout=5) as reply:
+            return reply.status, reply.read(), reply.headers.get("Content-Type", "")
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read(), exc.headers.get("Content-Type", "")
+
+
+def http_json(url: str) -> Any:
+    status, body, _ = http_get(url)
+    assert status == 200, body
+    return json.loads(body)
+
+
+async def test_publish_reaches_every_member_once_in_order(node: NodeProcess) -> None:
+    """Every member, the sender included, gets each message once, in the order published."""
+    alice, bob = await native(node, "alice"), await native(node, "bob")
+    for client in (alice, bob):
+        joined = await client.request({"type": "join", "room": "general", "id": "j"})
+        assert joined["type"] == "joined" and joined["room"] == "general"
+    for i in range(50):
+        await alice.send({"type": "publish", "room": "general", "data": {"n": i}})
+    for client in (alice, bob):
+        got = [(await client.expect("message"))["data"]["n"] for _ in range(50)]
+        assert got == list(range(50))
+    message = bob.seen[-1]
+    assert message["from"] == {"user_id": "alice", "username": "alice"}
+    assert message["offset"] == 50 and isinstance(message["epoch"], str)
+    with pytest.raises(TimeoutError):  # No 51st copy.
+        await bob.expect("message", timeout=0.3)
+
+
+async def test_publish_with_id_is_acknowledged_with_offset(node: NodeProcess) -> None:
+    """A publish carrying an id gets 'published' with the offset it was given."""
+    alice = await native(node, "alice")
+    ack = await alice.request({"type": "publish", "room": "r1", "data": 1, "id": 7})
+    assert ack["type"] == "published" and ack["offset"] == 1 and ack["room"] == "r1"
+    ack = await alice.request({"type": "publish", "room": "r1", "data": 2, "id": 8})
+    assert ack["offset"] == 2 and ack["epoch"] == ack["epoch"]
+
+
+async def test_leave_stops_delivery(node: NodeProcess) -> None:
+    """After 'left', a client receives nothing more from the room."""
+    alice, bob = await native(node, "alice"), await native(node, "bob")
+    await bob.request({"type": "join", "room": "r", "id": 1})
+    left = await bob.request({"type": "leave", "room": "r", "id": 2})
+    assert left == {"type": "left", "room": "r", "id": 2}
+    await alice.request({"type": "publish", "room": "r", "data": "x", "id": 3})
+    with pytest.raises(TimeoutError):
+        await bob.expect("message", timeout=0.3)
+    again = await bob.request({"type": "leave", "room": "r", "id": 4})
+    assert again["type"] == "error" and again["code"] == "not_joined"
+
+
+async def test_typing_goes_to_the_others_only(node: NodeProcess) -> None:
+    """A typing notice reaches the other members, not the typist."""
+    alice, bob = await native(node, "alice"), await native(node, "bob")
+    for client in (alice, bob):
+        await client.request({"type": "join", "room": "r", "id": 1})
+    await alice.send({"type": "typing", "room": "r"})
+    typing = await bob.expect("typing")
+    assert typing["from"]["user_id"] == "alice" and typing["room"] == "r"
+    pong = await alice.request({"type": "ping", "id": "p"})
+    assert pong == {"type": "pong", "id": "p"}
+    assert not [m for m in alice.seen if m["type"] == "typing"]
+
+
+@pytest.mark.parametrize(
+    ("frame", "code"),
+    [
+        ("this is not json", "bad_request"),
+        ("[1, 2]", "bad_request"),
+        ('{"type": "dance", "id": 5}', "unknown_type"),
+        ('{"type": "join", "id": 5}', "bad_request"),
+        ('{"type": "join", "room": "bad room!", "id": 5}', "bad_request"),
+        ('{"type": "join", "room": "' + "x" * 65 + '", "id": 5}', "bad_request"),
+        ('{"type": "publish", "room": "r", "id": 5}', "bad_request"),
+        ('{"type": "history", "room": "r", "limit": 0, "id": 5}', "bad_request"),
+        ('{"type": "join", "room": "r", "since": {"offset": -1}, "id": 5}', "bad_request"),
+    ],
+)
+async def test_bad_input_gets_an_error_and_the_connection_stays(
+    node: NodeProcess, frame: str, code: str
+) -> None:
+    """Invalid JSON, unknown types and bad fields get an error envelope; the socket stays open."""
+    client = await native(node, "c")
+    await client.send(frame)
+    error = await client.expect("error")
+    assert error["code"] == code and error["message"]
+    if '"id": 5' in frame:
+        assert error["id"] == 5
+    assert (await client.request({"type": "ping", "id": "still"}))["type"] == "pong"
+
+
+async def test_binary_frames_are_refused_with_an_error(node: NodeProcess) -> None:
+    """A binary frame gets error bad_request and is not relayed; the connection stays open."""
+    alice, bob = await native(node, "alice"), await native(node, "bob")
+    await bob.request({"type": "join", "room": "r", "id": 1})
+    await alice.send(b'{"type": "publish", "room": "r", "data": 1}')
+    error = await alice.expect("error")
+    assert error["code"] == "bad_request" and "binary" in error["message"]
+    with pytest.raises(TimeoutError):
+        await bob.expect("message", timeout=0.3)
+
+
+async def test_oversized_frame_closes_with_1009(start_node: Callable[..., NodeProcess]) -> None:
+    """A frame over --max-message-size closes that connection with 1009; others carry on."""
+    node = start_node(None, "--max-message-size", "1024")
+    big, other = await native(node, "big"), await native(node, "other")
+    await big.send({"type": "publish", "room": "r", "data": "x" * 2000})
+    assert await big.closed() == 1009
+    assert (await other.request({"type": "ping", "id": 1}))["type"] == "pong"
+
+
+async def test_rate_limit_then_flood_close(start_node: Callable[..., NodeProcess]) -> None:
+    """Past the burst a client gets rate_limited with retry_after_ms; a flooder is closed 1008."""
+    node = start_node(None, "--rate-limit", "1", "--rate-burst", "5", "--flood-close-after", "10")
+    flooder, bystander = await native(node, "f"), await native(node, "b")
+    for i in range(40):
+        try:
+            await flooder.send({"type": "ping", "id": i})
+        except Exception:
+            break
+    pongs = errors = 0
+    while True:
+        try:
+            message = await flooder.recv(timeout=5)
+        except Exception:
+            break
+        if message["type"] == "pong":
+            pongs += 1
+        elif message["type"] == "error":
+            assert message["code"] == "rate_limited" and message["retry_after_ms"] > 0
+            errors += 1
+    assert pongs == 5, "the burst is served"
+    assert errors == 9, "refusals until the flood limit, each one answered"
+    assert await flooder.closed() == 1008
+    assert (await bystander.request({"type": "ping", "id": "ok"}))["type"] == "pong"
+
+
+async def test_room_limit_per_connection(start_node: Callable[..., NodeProcess]) -> None:
+    """Joining more rooms than --max-rooms-per-connection gets too_many_rooms."""
+    node = start_node(None, "--max-rooms-per-connection", "3", "--rate-burst", "100")
+    client = await native(node, "c")
+    for i in range(3):
+        assert (await client.request({"type": "join", "room": f"r{i}", "id": i}))["type"] == (
+            "joined")
+    error = await client.request({"type": "join", "room": "r9", "id": 9})
+    assert error["type"] == "error" and error["code"] == "too_many_rooms"
+
+
+async def test_handler_crash_closes_only_that_connection(
+    start_node: Callable[..., NodeProcess],
+) -> None:
+    """A crash in a handler closes that connection with 1011, logs the traceback, hides it."""
+    node = start_node(None, env={"ROOMCAST_FAILPOINTS": "crash_on_data"})
+    victim, other = await native(node, "victim"), await native(node, "other")
+    await other.request({"type": "join", "room": "r", "id": 1})
+    await victim.send({"type": "publish", "room": "r", "data": "__crash__"})
+    assert await victim.closed() == 1011
+    assert victim.ws.close_reason == "internal error"
+    assert all("failpoint" not in json.dumps(m) for m in victim.seen)
+    ack = await other.request({"type": "publish", "room": "r", "data": "fine", "id": 2})
+    assert ack["type"] == "published"
+    await wait_for(lambda: node.logged("handler crashed"), what="crash log")
+    assert "RuntimeError: failpoint crash_on_data" in node.logged("handler crashed")[0]["exception"]
+
+
+async def test_dead_peer_is_dropped_by_keepalive(start_node: Callable[..., NodeProcess]) -> None:
+    """A client that stops answering pings is dropped within ping interval + timeout."""
+    node = start_node(None, "--ping-interval", "0.2", "--ping-timeout", "0.3")
+    silent = await Client.open(node.ws("/ws?user_id=silent"), ping_interval=None)
+    # Stop reading: the client's transport is paused, so pongs are never sent.
+    silent.ws.transport.pause_reading()
+    await wait_for(lambda: http_json(f"{node.http}/api/stats")["connections"] == 0,
+                   timeout=10, what="dead peer dropped")
+
+
+def test_http_routes(node: NodeProcess) -> None:
+    """The HTTP endpoints answer: page, health, readiness, metrics, stats, members, 404."""
+    status, body, ctype = http_get(f"{node.http}/")
+    assert status == 200 and ctype.startswith("text/html") and b"/ws/chat/" in body
+    assert http_json(f"{node.http}/healthz")["status"] == "ok"
+    assert http_json(f"{node.http}/readyz")["status"] == "ready"
+    status, body, _ = http_get(f"{node.http}/metrics")
+    assert status == 200 and b"roomcast_connections" in body
+    assert b"roomcast_fanout_latency_seconds_bucket" in body
+    stats = http_json(f"{node.http}/api/stats")
+    assert stats["node_id"] == node.node_id and stats["connections"] == 0
+    members = http_json(f"{node.http}/api/rooms/general/members")
+    assert members == {"room": "general", "members": [], "count": 0}
+    assert http_get(f"{node.http}/nope")[0] == 404
+    assert http_get(f"{node.http}/api/rooms/bad%20room/members")[0] == 404
+
+
+async def test_stats_and_members_show_connections(node: NodeProcess) -> None:
+    """/api/stats counts local connections per room; members lists who is in a room."""
+    alice = await native(node, "alice", "Alice")
+    await alice.request({"type": "join", "room": "general", "id": 1})
+    stats = http_json(f"{node.http}/api/stats")
+    assert stats["connections"] == 1 and stats["rooms"] == {"general": 1}
+    members = http_json(f"{node.http}/api/rooms/general/members")
+    assert members["count"] == 1 and members["members"][0]["username"] == "Alice"
+    assert members["members"][0]["node_id"] == node.node_id
+
+
+async def test_upgrade_on_unknown_path_is_refused(node: NodeProcess) -> None:
+    """A WebSocket handshake on an unknown path is refused with HTTP 404."""
+    with pytest.raises(InvalidStatus) as refused:
+        await Client.open(node.ws("/nowhere"))
+    assert refused.value.response.status_code == 404
+
+
+async def test_sigterm_closes_clients_and_exits_zero(node: NodeProcess) -> None:
+    """SIGTERM closes every client cleanly and the process exits 0."""
+    clients = [await native(node, f"u{i}") for i in range(3)]
+    node.stop()
+    codes = await asyncio.gather(*(c.closed() for c in clients))
+    assert all(code in (1001, 1012) for code in codes), codes
+    assert node.proc is not None and node.proc.returncode == 0

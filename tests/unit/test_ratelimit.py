@@ -1,0 +1,124 @@
+"""The per-connection token bucket, driven by a fake clock."""
+
+from __future__ import annotations
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from node.ratelimit import TokenBucket
+
+
+class FakeClock:
+    """A clock that only moves when the test says so."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+def drain(bucket: TokenBucket) -> int:
+    """Take every token available now; return how many were taken."""
+    taken = 0
+    while bucket.allow():
+        taken += 1
+    return taken
+
+
+def test_a_fresh_bucket_allows_exactly_burst_messages_at_once() -> None:
+    """A new connection may send `burst` messages at once and no more."""
+    bucket = TokenBucket(rate=2.0, burst=5, clock=FakeClock())
+    assert [bucket.allow() for _ in range(6)] == [True] * 5 + [False]
+
+
+def test_tokens_refill_at_rate_per_second() -> None:
+    """After draining, one message is allowed per 1/rate seconds."""
+    clock = FakeClock()
+    bucket = TokenBucket(rate=4.0, burst=2, clock=clock)
+    drain(bucket)
+    clock.advance(0.125)  # half a token
+    assert bucket.allow() is False
+    clock.advance(0.125)  # a whole token in total
+    assert bucket.allow() is True
+    assert bucket.allow() is False
+    clock.advance(1.0)
+    assert drain(bucket) == 2  # 4 tokens refilled, but capped at burst
+
+
+def test_idle_time_never_saves_more_than_burst() -> None:
+    """However long a connection is idle, it can only send `burst` messages at once."""
+    clock = FakeClock()
+    bucket = TokenBucket(rate=10.0, burst=3, clock=clock)
+    clock.advance(3600.0)
+    assert drain(bucket) == 3
+
+
+def test_retry_after_ms_is_the_time_until_the_next_token() -> None:
+    """A refused client is told to wait just long enough (within 1 ms) for the next token."""
+    clock = FakeClock()
+    bucket = TokenBucket(rate=2.0, burst=1, clock=clock)
+    drain(bucket)
+    assert bucket.allow() is False
+    hint = bucket.retry_after_ms()
+    assert 500 <= hint <= 501
+    clock.advance((hint - 2) / 1000)
+    assert bucket.allow() is False
+    clock.advance(2 / 1000)
+    assert bucket.allow() is True
+
+
+def test_retry_after_ms_shrinks_as_the_bucket_refills() -> None:
+    """A client refused again later is told a shorter wait."""
+    clock = FakeClock()
+    bucket = TokenBucket(rate=1.0, burst=1, clock=clock)
+    drain(bucket)
+    clock.advance(0.75)
+    assert bucket.allow() is False
+    assert 250 <= bucket.retry_after_ms() <= 251
+
+
+def test_retry_after_ms_is_at_least_1() -> None:
+    """The hint is never 0 ms, even when a token is already available."""
+    bucket = TokenBucket(rate=1000.0, burst=10, clock=FakeClock())
+    assert bucket.retry_after_ms() == 1
+
+
+def test_rejected_in_a_row_counts_consecutive_refusals_and_resets_on_success() -> None:
+    """Consecutive refusals are counted, so a flooding client can be closed; a success resets."""
+    clock = FakeClock()
+    bucket = TokenBucket(rate=1.0, burst=1, clock=clock)
+    assert bucket.rejected_in_a_row == 0
+    bucket.allow()
+    for expected in (1, 2, 3):
+        assert bucket.allow() is False
+        assert bucket.rejected_in_a_row == expected
+    clock.advance(1.0)
+    assert bucket.allow() is True
+    assert bucket.rejected_in_a_row == 0
+
+
+@settings(database=None, deadline=None, max_examples=200)
+@given(
+    rate=st.floats(0.5, 100.0),
+    burst=st.integers(1, 50),
+    steps=st.lists(st.floats(0.0, 2.0), max_size=60),
+)
+def test_fuzz_never_allows_more_than_burst_plus_rate_times_elapsed(
+    rate: float, burst: int, steps: list[float]
+) -> None:
+    """Over any schedule, allowed messages never exceed burst + rate x elapsed seconds."""
+    clock = FakeClock()
+    start = clock.now
+    bucket = TokenBucket(rate=rate, burst=burst, clock=clock)
+    allowed = 0
+    for step in steps:
+        clock.advance(step)
+        allowed += drain(bucket)
+    assert allowed <= burst + rate * (clock.now - start) + 1e-6
+    # The bucket always refills to at least one token after 1/rate seconds.
+    clock.advance(1.0 / rate + 1e-6)
+    assert bucket.allow() is True
