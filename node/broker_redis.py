@@ -55,6 +55,11 @@ def parse_frame(room: str, data: bytes) -> Publication:
     )
 
 
+def as_str(raw: Any) -> str:
+    """A Redis reply item as text (replies are bytes: the client does not decode)."""
+    return raw.decode() if isinstance(raw, bytes) else str(raw)
+
+
 def event_frame(payload: bytes, origin: str) -> bytes:
     return b"0 - %d %s\n" % (now_us(), origin.encode()) + payload
 
@@ -101,10 +106,10 @@ class RedisBroker:
         self._on_publication = on_publication
         self._reader = asyncio.create_task(self._read_forever(), name="redis-pubsub-reader")
 
-    async def wait_connected(self, timeout: float) -> bool:
+    async def wait_connected(self, within: float) -> bool:
         """Wait until the pub/sub connection is up; False on timeout."""
         try:
-            await asyncio.wait_for(self._connected.wait(), timeout)
+            await asyncio.wait_for(self._connected.wait(), within)
         except TimeoutError:
             return False
         return True
@@ -173,7 +178,7 @@ class RedisBroker:
                         waiter.exception()  # Mark retrieved: nobody may be waiting any more.
                 self._pending.clear()
                 with contextlib.suppress(RedisError, OSError, RuntimeError):
-                    await pubsub.aclose()
+                    await pubsub.aclose()  # type: ignore[no-untyped-call]  # unannotated in redis-py
             # Full jitter (AWS architecture blog): spreads a cluster's reconnects to Redis.
             await asyncio.sleep(random.uniform(backoff / 2, backoff))
             backoff = min(backoff * 2, BACKOFF_CAP)
@@ -251,4 +256,4 @@ class RedisBroker:
             epoch = await self._redis.hget(self._keys.meta(room), "epoch")
         except (RedisError, OSError) as exc:
             raise BrokerUnavailable("redis is unavailable") from exc
-        return epoch.decode() if epoch else ""
+        return as_str(epoch) if epoch else ""

@@ -1,9 +1,8 @@
-"""The ``roomcast`` command: ``roomcast node`` runs a node; other subcommands are tools around it."""
+"""The ``roomcast`` command: ``roomcast node`` runs a node; other subcommands are its tools."""
 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import sys
 from collections.abc import Sequence
 

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import os
+import re
 import secrets
 import socket
 import sys
@@ -18,6 +20,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 ENV_PREFIX = "ROOMCAST_"
+LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+# The same rule as protocol.ROOM_RE (not imported: config stays free of protocol imports).
+_ROOM_RE = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
 
 
 def _opt(default: Any, help: str, **extra: Any) -> Any:
@@ -55,6 +60,9 @@ class Config:
     max_rooms_per_connection: int = _opt(100, "Rooms one connection may be in at once.")
     ping_interval: float = _opt(20.0, "Seconds between protocol-level pings; 0 disables them.")
     ping_timeout: float = _opt(20.0, "Seconds to wait for a pong before dropping the peer.")
+    max_send_buffer: int = _opt(
+        1048576, "Bytes queued to one client before it counts as a slow consumer (closed 1013)."
+    )
     compression: bool = _opt(
         False, "Offer permessage-deflate. Off by default: it costs CPU and memory per connection."
     )
@@ -88,21 +96,50 @@ class Config:
     def __post_init__(self) -> None:
         if not self.node_id:
             object.__setattr__(self, "node_id", default_node_id())
-        problems = []
-        if self.max_message_size < 256:
-            problems.append("max_message_size must be at least 256 bytes")
-        if self.rate_limit <= 0 or self.rate_burst < 1:
-            problems.append("rate_limit must be > 0 and rate_burst >= 1")
-        if self.history_size < 0 or self.history_ttl < 0:
-            problems.append("history_size and history_ttl must be >= 0")
-        if self.log_format not in ("auto", "json", "console"):
-            problems.append("log_format must be auto, json or console")
-        if self.redis_url is not None and not self.redis_url.startswith(
-            ("redis://", "rediss://", "unix://")
-        ):
-            problems.append("redis_url must start with redis://, rediss:// or unix://")
+        problems = [
+            f"--{name.replace('_', '-')} ({ENV_PREFIX}{name.upper()}) {rule}"
+            for name, ok, rule in self._rules()
+            if not ok
+        ]
         if problems:
             raise ValueError("; ".join(problems))
+
+    def _rules(self) -> list[tuple[str, bool, str]]:
+        """(field, valid?, what a valid value is) for every constrained setting."""
+        rules: list[tuple[str, bool, str]] = [
+            ("port", 0 <= self.port <= 65535, "must be from 0 to 65535"),
+            ("max_message_size", self.max_message_size >= 256, "must be at least 256 bytes"),
+            ("max_send_buffer", self.max_send_buffer >= 1024, "must be at least 1024 bytes"),
+            ("rate_burst", self.rate_burst >= 1, "must be at least 1"),
+            ("flood_close_after", self.flood_close_after >= 1, "must be at least 1"),
+            ("max_rooms_per_connection", self.max_rooms_per_connection >= 1,
+             "must be at least 1"),
+            ("history_size", self.history_size >= 0, "must be 0 or more"),
+            ("max_nick_length", self.max_nick_length >= 1, "must be at least 1"),
+            ("max_chat_length", self.max_chat_length >= 1, "must be at least 1"),
+            ("log_format", self.log_format in ("auto", "json", "console"),
+             "must be auto, json or console"),
+            ("log_level", self.log_level.lower() in LOG_LEVELS,
+             "must be one of " + ", ".join(LOG_LEVELS)),
+            ("redis_url", self.redis_url is None or self.redis_url.startswith(
+                ("redis://", "rediss://", "unix://")),
+             "must start with redis://, rediss:// or unix://"),
+            ("tutorial_room", _ROOM_RE.fullmatch(self.tutorial_room) is not None,
+             "must be 1-64 characters of letters, digits and _ . : -"),
+        ]
+        # NaN passes every comparison's negation, so finiteness is checked first.
+        positive = ("rate_limit", "node_lease_ttl")
+        non_negative = ("ping_interval", "ping_timeout", "unsubscribe_linger",
+                        "presence_grace", "history_ttl", "drain_delay", "drain_window")
+        for name in positive:
+            value = getattr(self, name)
+            rules.append((name, math.isfinite(value) and value > 0,
+                          "must be a finite number above 0"))
+        for name in non_negative:
+            value = getattr(self, name)
+            rules.append((name, math.isfinite(value) and value >= 0,
+                          "must be a finite number, 0 or more"))
+        return rules
 
     @property
     def clustered(self) -> bool:

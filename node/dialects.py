@@ -6,7 +6,7 @@ carries native envelopes; each node re-encodes a publication once per dialect pr
 (``encode_*`` below), never once per member.
 
 * ``fastapi``: the widely copied FastAPI chat tutorial, ``/ws/chat/{room_id}?user_id=&username=``.
-* ``tutorial``: the python-websockets tutorial chat on ``/``: ``join``, ``chat``, ``leave``, ``info``.
+* ``tutorial``: the python-websockets tutorial chat on ``/`` (join, chat, leave, info).
 """
 
 from __future__ import annotations
@@ -128,7 +128,7 @@ def tutorial(kind: str, nick: str, text: str) -> bytes:
 
 def clean_nick(raw: Any, max_length: int) -> str:
     """The tutorial's rule: strip, then cut to ``max_length`` characters."""
-    return raw.strip()[:max_length] if isinstance(raw, str) else ""
+    return raw.strip()[:max_length].strip() if isinstance(raw, str) else ""
 
 
 def parse_tutorial(frame: str | bytes) -> dict[str, Any] | None:

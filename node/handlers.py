@@ -100,7 +100,7 @@ class Handlers:
 
     # --- shared steps ------------------------------------------------------------------------
 
-    async def admit(self, session: Session) -> bool:
+    async def admit(self, session: Session, frame: str | bytes = b"") -> bool:
         """Charge one message to the rate limit; answer a refusal, close a flooder with 1008."""
         limiter = session.limiter
         if limiter.allow():
@@ -112,18 +112,32 @@ class Handlers:
             return False
         retry = limiter.retry_after_ms()
         if session.dialect == dialects.NATIVE:
+            # The refused frame is parsed only for its id, so the client can match the refusal.
             write(session, protocol.error(
-                ErrorCode.RATE_LIMITED, "too many messages; slow down", None,
+                ErrorCode.RATE_LIMITED, "too many messages; slow down", _request_id(frame),
                 retry_after_ms=retry,
             ))
         else:
-            write(session, dialects.fastapi_error(f"rate limited; retry after {retry} ms"))
+            self.dialect_error(session, f"rate limited; retry after {retry} ms")
         return False
+
+    def dialect_error(self, session: Session, text: str) -> None:
+        """An error in the shape the session's compatibility dialect uses."""
+        if session.dialect == dialects.TUTORIAL:
+            write(session, dialects.tutorial("error", "server", text))
+        else:
+            write(session, dialects.fastapi_error(text))
+
+    async def refuse_unavailable(self, session: Session) -> None:
+        """The backend is down while a compat client connects: say so, close 1013."""
+        self.node.metrics.errors.labels(code=ErrorCode.UNAVAILABLE).inc()
+        self.dialect_error(session, "unavailable: the cluster backend is down; retry later")
+        await session.ws.close(CloseCode.TRY_AGAIN_LATER, "backend unavailable")
 
     def member(self, session: Session, nick: str | None = None) -> Member:
         return Member(
             session.user_id, session.username, self.node.node_id, session.conn_id,
-            time.time(), nick,
+            now_ms(), nick,
         )
 
     async def enter(self, session: Session, room: str, nick: str | None = None) -> bool:
@@ -159,7 +173,7 @@ class Handlers:
     async def native(self, session: Session) -> None:
         write(session, protocol.welcome(session.conn_id, self.node.node_id))
         async for frame in session.ws:
-            if not await self.admit(session):
+            if not await self.admit(session, frame):
                 if session.ws.close_code is not None:
                     return
                 continue
@@ -212,11 +226,8 @@ class Handlers:
             case protocol.History(room, limit, since, rid):
                 result = await self.node.broker.history(room, since, limit)
                 write(session, protocol.history_reply(
-                    room, result.messages, result.offset, result.epoch, rid
-                ) if result.recovered else protocol.error(
-                    ErrorCode.BAD_REQUEST,
-                    "history since that position is no longer available",
-                    rid, offset=result.offset, epoch=result.epoch,
+                    room, result.messages, result.offset, result.epoch, rid,
+                    recovered=result.recovered if since is not None else None,
                 ))
 
     async def native_join(self, session: Session, request: protocol.Join) -> None:
@@ -268,19 +279,26 @@ class Handlers:
         if not protocol.valid_room(room):
             await session.ws.close(CloseCode.POLICY_VIOLATION, "invalid room name")
             return
-        await self.node.hub.join(room, session)
         session.rooms[room] = None
-        fresh = await self.enter(session, room)
+        try:
+            await self.node.hub.join(room, session)
+            fresh = await self.enter(session, room)
+            members = await self.node.presence.members(room)
+        except BrokerUnavailable:
+            await self.refuse_unavailable(session)
+            return
         if fresh:  # The newcomer sees its own arrival first, then who is here.
             write(session, dialects.fastapi_user_event(
                 "user_joined", room, session.user_id, session.username, now_ms()
             ))
-        members = await self.node.presence.members(room)
         write(session, dialects.fastapi_members(list(dict.fromkeys(m.user_id for m in members))))
         async for frame in session.ws:
             if not await self.admit(session):
                 if session.ws.close_code is not None:
                     return
+                continue
+            if isinstance(frame, bytes):
+                self.dialect_error(session, "binary frames are not accepted; send text")
                 continue
             action = dialects.parse_fastapi(frame)
             self.node.metrics.messages_in.labels(type=type(action).__name__.lower()).inc()
@@ -301,8 +319,8 @@ class Handlers:
                         write(session, dialects.fastapi_error(f"unknown message type {kind!r}"))
             except BrokerUnavailable:
                 self.node.metrics.errors.labels(code=ErrorCode.UNAVAILABLE).inc()
-                write(session, dialects.fastapi_error(
-                    "unavailable: the cluster backend is down; message not sent"))
+                self.dialect_error(
+                    session, "unavailable: the cluster backend is down; message not sent")
 
     # --- python-websockets tutorial dialect ----------------------------------------------------
 
@@ -319,14 +337,18 @@ class Handlers:
             await session.ws.close(CloseCode.POLICY_VIOLATION, "join first")
             return
         session.user_id = session.username = nick
-        if not await self.node.presence.claim_nick(room, nick, self.member(session, nick)):
-            write(session, dialects.tutorial("error", "server", f"nick {nick!r} is taken"))
-            await session.ws.close(CloseCode.POLICY_VIOLATION, "nick taken")
+        try:
+            if not await self.node.presence.claim_nick(room, nick, self.member(session, nick)):
+                write(session, dialects.tutorial("error", "server", f"nick {nick!r} is taken"))
+                await session.ws.close(CloseCode.POLICY_VIOLATION, "nick taken")
+                return
+            session.rooms[room] = nick
+            await self.node.hub.join(room, session)
+            await self.enter(session, room, nick)
+            present = sorted({m.username for m in await self.node.presence.members(room)})
+        except BrokerUnavailable:
+            await self.refuse_unavailable(session)
             return
-        await self.node.hub.join(room, session)
-        session.rooms[room] = nick
-        await self.enter(session, room, nick)
-        present = sorted({m.username for m in await self.node.presence.members(room)})
         write(session, dialects.tutorial(
             "info", "server",
             f"Welcome, {nick}! {len(present)} present: {', '.join(present)}",
@@ -336,13 +358,16 @@ class Handlers:
                 if session.ws.close_code is not None:
                     return
                 continue
-            message = dialects.parse_tutorial(frame)
+            message = None if isinstance(frame, bytes) else dialects.parse_tutorial(frame)
             if message is None or message.get("type") != "chat":
                 write(session, dialects.tutorial(
                     "error", "server", "expected {\"type\": \"chat\", \"text\": \"...\"}"))
                 continue
             text = message.get("text")
-            text = text[: self.config.max_chat_length] if isinstance(text, str) else ""
+            if not isinstance(text, str):
+                write(session, dialects.tutorial("error", "server", "text must be a string"))
+                continue
+            text = text[: self.config.max_chat_length]
             try:
                 await self.publish(session, room, text)
             except BrokerUnavailable:
@@ -351,7 +376,9 @@ class Handlers:
 
 
 def _request_id(frame: str | bytes) -> Any:
-    """The id of a request that failed after parsing (best effort, for the error envelope)."""
+    """The id of a request, best effort, for an error envelope about a frame not served."""
+    if isinstance(frame, bytes | bytearray | memoryview):
+        return None
     try:
         obj = protocol.decode_json(frame)
     except ProtocolError:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
 import orjson
@@ -18,6 +18,7 @@ import structlog
 from websockets.asyncio.server import broadcast
 
 from node.broker import Broker, BrokerUnavailable, Publication, now_us
+from node.closecodes import CloseCode
 
 if TYPE_CHECKING:
     from node.metrics import Metrics
@@ -57,8 +58,10 @@ class Hub:
         broker: Broker,
         metrics: Metrics,
         linger: float = 2.0,
-        encoders: dict[str, Callable[[dict[str, Any]], bytes | None]] | None = None,
+        encoders: Mapping[str, Callable[[dict[str, Any]], bytes | None]] | None = None,
+        max_send_buffer: int = 1 << 20,
     ) -> None:
+        self._max_send_buffer = max_send_buffer
         self._broker = broker
         self._metrics = metrics
         self._linger = linger
@@ -192,15 +195,33 @@ class Hub:
                 payload = self._encoders[dialect](decoded)
             if payload is None:
                 continue
-            if publication.offset == 0 and origin:
-                targets = [s.ws for s in group if s.conn_id != origin]
-            else:
-                targets = [s.ws for s in group]
+            targets = []
+            for session in group:
+                if publication.offset == 0 and session.conn_id == origin:
+                    continue
+                if session.ws.transport.get_write_buffer_size() > self._max_send_buffer:
+                    self._cut_slow(session)
+                    continue
+                targets.append(session.ws)
             broadcast(targets, payload, text=True)
             sent += len(targets)
         self._metrics.messages_out.inc(sent)
         if publication.ts_us:
             self._metrics.fanout_latency.observe((now_us() - publication.ts_us) / 1e6)
+
+
+    def _cut_slow(self, session: Session) -> None:
+        """A client that cannot keep up is closed with 1013, never waited for."""
+        if session.slow:
+            return
+        session.slow = True
+        self._metrics.errors.labels(code="slow_consumer").inc()
+        log.info("closing slow consumer", conn_id=session.conn_id,
+                 buffered=session.ws.transport.get_write_buffer_size())
+        task = asyncio.ensure_future(
+            session.ws.close(CloseCode.TRY_AGAIN_LATER, "slow consumer")
+        )
+        task.add_done_callback(_log_task_error)
 
 
 def _log_task_error(task: asyncio.Task[None]) -> None:

@@ -23,7 +23,7 @@ class Member:
     username: str
     node_id: str
     conn_id: str
-    joined_at: float
+    joined_at: int  # unix milliseconds, like every ts
     nick: str | None = None
 
     def to_dict(self) -> dict[str, Any]:

@@ -12,21 +12,43 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import time
-from typing import Any
+from collections.abc import Callable, Coroutine
+from typing import Any, ParamSpec, TypeVar
 
 import orjson
 import redis.asyncio as aioredis
 import structlog
 from redis.exceptions import RedisError
 
-from node.broker_redis import load_script
+from node.broker import BrokerUnavailable
+from node.broker_redis import as_str, load_script
 from node.keys import Keys
 from node.presence import Member, OnUserLeft, nick_key
 
 log = structlog.get_logger("roomcast.presence")
 
 TICK = 1.0  # Seconds between lease refreshes / reaps.
+
+
+P = ParamSpec("P")
+T = TypeVar("T")
+
+
+def unavailable_on_redis_error(
+    method: Callable[P, Coroutine[Any, Any, T]],
+) -> Callable[P, Coroutine[Any, Any, T]]:
+    """Turn Redis connection failures into BrokerUnavailable: clients get 'unavailable'."""
+
+    @functools.wraps(method)
+    async def wrapper(*args: P.args, **kwargs: P.kwargs) -> T:
+        try:
+            return await method(*args, **kwargs)
+        except (RedisError, OSError) as exc:
+            raise BrokerUnavailable("redis is unavailable") from exc
+
+    return wrapper
 
 
 def ms() -> int:
@@ -100,7 +122,7 @@ class RedisPresence:
     async def _reap_dead(self) -> None:
         dead = await self._redis.zrangebyscore(self._keys.nodes(), "-inf", ms() - 1)
         for raw in dead:
-            node_id = raw.decode()
+            node_id = as_str(raw)
             if node_id == self._node_id:
                 continue  # Our own lease lapsed (a long pause): refresh re-registers us.
             dropped = await self._reap(node_id, ms())
@@ -122,7 +144,7 @@ class RedisPresence:
             keys=[k.leaves(), k.leave_names()], args=[ms(), k.prefix, 100]
         )
         for i in range(0, len(flat), 3):
-            room, user_id, username = (part.decode() for part in flat[i : i + 3])
+            room, user_id, username = (as_str(part) for part in flat[i : i + 3])
             if self._on_user_left is not None:
                 await self._on_user_left(room, user_id, username)
 
@@ -133,6 +155,7 @@ class RedisPresence:
         return [k.presence(room, self._node_id), k.presence_nodes(room), k.users(room),
                 k.leaves(), k.leave_names(), k.node_rooms(self._node_id), k.rooms()]
 
+    @unavailable_on_redis_error
     async def add(self, room: str, member: Member) -> bool:
         fresh = await self._scripts["presence_add"](
             keys=self._room_keys(room),
@@ -141,6 +164,7 @@ class RedisPresence:
         )
         return bool(fresh)
 
+    @unavailable_on_redis_error
     async def remove(self, room: str, member: Member) -> None:
         await self._scripts["presence_remove"](
             keys=[*self._room_keys(room), self._keys.nicks(room)],
@@ -150,11 +174,12 @@ class RedisPresence:
 
     async def _alive_nodes(self) -> set[str]:
         alive = await self._redis.zrangebyscore(self._keys.nodes(), ms(), "+inf")
-        return {raw.decode() for raw in alive}
+        return {as_str(raw) for raw in alive}
 
+    @unavailable_on_redis_error
     async def members(self, room: str) -> list[Member]:
         k = self._keys
-        nodes = {raw.decode() for raw in await self._redis.smembers(k.presence_nodes(room))}
+        nodes = {as_str(raw) for raw in await self._redis.smembers(k.presence_nodes(room))}
         nodes &= await self._alive_nodes()
         if not nodes:
             return []
@@ -166,6 +191,7 @@ class RedisPresence:
         members.sort(key=lambda m: m.joined_at)
         return members
 
+    @unavailable_on_redis_error
     async def claim_nick(self, room: str, nick: str, member: Member) -> bool:
         claimed = await self._scripts["claim_nick"](
             keys=[self._keys.nicks(room), self._keys.nodes()],
@@ -173,10 +199,11 @@ class RedisPresence:
         )
         return bool(claimed)
 
+    @unavailable_on_redis_error
     async def stats(self) -> dict[str, Any]:
         k = self._keys
         alive = sorted(await self._alive_nodes())
-        rooms = sorted(raw.decode() for raw in await self._redis.smembers(k.rooms()))
+        rooms = sorted(as_str(raw) for raw in await self._redis.smembers(k.rooms()))
         async with self._redis.pipeline(transaction=False) as pipe:
             for node_id in alive:
                 pipe.hget(k.node_info(node_id), "connections")

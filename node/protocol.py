@@ -249,12 +249,18 @@ def presence_reply(room: str, members: list[dict[str, Any]], request_id: Any = N
 
 
 def history_reply(
-    room: str, messages: list[bytes], offset: int, epoch: str, request_id: Any = None
+    room: str, messages: list[bytes], offset: int, epoch: str, request_id: Any = None,
+    recovered: bool | None = None,
 ) -> bytes:
-    """Stored message envelopes spliced in verbatim: no decode/re-encode of history."""
-    head = _with_id(
-        {"type": "history", "room": room, "offset": offset, "epoch": epoch}, request_id
-    )
+    """Stored message envelopes spliced in verbatim: no decode/re-encode of history.
+
+    ``recovered`` (given when the request had ``since``) is False when the messages after
+    ``since`` are no longer all kept; ``messages`` is then empty.
+    """
+    body: dict[str, Any] = {"type": "history", "room": room, "offset": offset, "epoch": epoch}
+    if recovered is not None:
+        body["recovered"] = recovered
+    head = _with_id(body, request_id)
     return head[:-1] + b',"messages":[' + b",".join(messages) + b"]}"
 
 

@@ -57,7 +57,8 @@ class Node:
         self.node_id = config.node_id
         self.metrics = Metrics()
         self.broker, self.presence = build_backends(config)
-        self.hub = Hub(self.broker, self.metrics, config.unsubscribe_linger, dialects.ENCODERS)
+        self.hub = Hub(self.broker, self.metrics, config.unsubscribe_linger, dialects.ENCODERS,
+                       config.max_send_buffer)
         self.handlers = Handlers(self)
         self.http = HttpRoutes(self)
         self.sessions: dict[str, Session] = {}

@@ -29,3 +29,5 @@ class Session:
     rooms: dict[str, str | None] = field(default_factory=dict)
     connected_at: float = field(default_factory=time.time)
     peer: str = ""
+    #: Set once the client fell behind by more than --max-send-buffer and is being closed.
+    slow: bool = False

@@ -321,7 +321,7 @@ async def test_history_ttl_0_never_expires(fake_time: FakeTime) -> None:
 # --- MemoryPresence --------------------------------------------------------------------------
 
 
-def member(user_id: str, conn_id: str, nick: str | None = None, joined_at: float = 0.0) -> Member:
+def member(user_id: str, conn_id: str, nick: str | None = None, joined_at: int = 0) -> Member:
     return Member(user_id, user_id.upper(), "n1", conn_id, joined_at, nick)
 
 
@@ -407,6 +407,20 @@ async def test_reconnect_within_grace_causes_no_user_left_and_no_user_joined(
     assert [m.conn_id for m in await store.members("r")] == ["c2"]
 
 
+async def test_a_reconnect_then_a_final_leave_gives_exactly_one_user_left(
+    presence: tuple[MemoryPresence, LeftRecorder],
+) -> None:
+    """A user who drops, reconnects in time and then leaves for good gets one user_left."""
+    store, recorder = presence
+    await store.add("r", member("u1", "c1"))
+    await store.remove("r", member("u1", "c1"))
+    await store.add("r", member("u1", "c2"))
+    await store.remove("r", member("u1", "c2"))
+    await recorder.wait_for("u1")
+    await recorder.settle(store)
+    assert recorder.users_left() == [("r", "u1", "U1")]
+
+
 async def test_user_with_another_connection_left_does_not_leave(
     presence: tuple[MemoryPresence, LeftRecorder],
 ) -> None:
@@ -436,9 +450,9 @@ async def test_members_are_listed_oldest_first_and_stats_count_users(
 ) -> None:
     """members() lists every connection by join time; stats count distinct users per room."""
     store, _ = presence
-    await store.add("r", member("u2", "c2", joined_at=2.0))
-    await store.add("r", member("u1", "c1", joined_at=1.0))
-    await store.add("r", member("u1", "c3", joined_at=3.0))
+    await store.add("r", member("u2", "c2", joined_at=2000))
+    await store.add("r", member("u1", "c1", joined_at=1000))
+    await store.add("r", member("u1", "c3", joined_at=3000))
     assert [m.conn_id for m in await store.members("r")] == ["c1", "c2", "c3"]
     store.set_connection_count(3)
     assert await store.stats() == {
@@ -449,7 +463,7 @@ async def test_members_are_listed_oldest_first_and_stats_count_users(
 def test_member_to_dict_omits_an_absent_nick() -> None:
     """A member without a nick is listed without a nick key; with one, it is included."""
     assert member("u1", "c1").to_dict() == {
-        "user_id": "u1", "username": "U1", "node_id": "n1", "conn_id": "c1", "joined_at": 0.0
+        "user_id": "u1", "username": "U1", "node_id": "n1", "conn_id": "c1", "joined_at": 0
     }
     assert member("u1", "c1", "Ann").to_dict()["nick"] == "Ann"
 

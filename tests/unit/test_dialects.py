@@ -122,10 +122,13 @@ def test_fastapi_members_and_error() -> None:
 
 @pytest.mark.parametrize(
     ("raw", "cleaned"),
-    [("  Ann  ", "Ann"), ("x" * 30, "x" * 20), ("", ""), ("   ", ""), (None, ""), (5, "")],
+    [
+        ("  Ann  ", "Ann"), ("x" * 30, "x" * 20), ("Ann" + " " * 17 + "Bo", "Ann"),
+        ("", ""), ("   ", ""), (None, ""), (5, ""),
+    ],
 )
 def test_clean_nick_strips_then_cuts(raw: object, cleaned: str) -> None:
-    """Nicks are stripped, cut to the maximum length, and non-strings become empty."""
+    """Nicks are stripped, cut to the maximum length (no trailing blanks), non-strings empty."""
     assert dialects.clean_nick(raw, 20) == cleaned
 
 
@@ -171,6 +174,6 @@ def test_encode_tutorial_hides_typing() -> None:
 
 def test_encoders_cover_both_compatibility_dialects() -> None:
     """Every non-native dialect has an encoder, keyed by its name."""
-    assert dialects.ENCODERS == {
-        "fastapi": dialects.encode_fastapi, "tutorial": dialects.encode_tutorial
-    }
+    assert sorted(dialects.ENCODERS) == ["fastapi", "tutorial"]
+    assert dialects.ENCODERS["fastapi"] is dialects.encode_fastapi
+    assert dialects.ENCODERS["tutorial"] is dialects.encode_tutorial

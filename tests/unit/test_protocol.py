@@ -338,7 +338,8 @@ def test_fuzz_finished_message_is_json_with_offset_and_epoch(
 ) -> None:
     """finish_message(message_prefix(...)) is one JSON object with the data, offset and epoch."""
     sender = protocol.sender(user, user)
-    payload = protocol.finish_message(protocol.message_prefix(room, data, sender, ts), offset, epoch)
+    prefix = protocol.message_prefix(room, data, sender, ts)
+    payload = protocol.finish_message(prefix, offset, epoch)
     assert orjson.loads(payload) == {
         "type": "message", "room": room, "data": orjson.loads(orjson.dumps(data)),
         "from": {"user_id": user, "username": user}, "ts": ts,
@@ -382,6 +383,16 @@ def test_history_reply_with_no_messages_is_valid_json(request_id: Any) -> None:
     if request_id is not None:
         expected["id"] = request_id
     assert body == expected
+
+
+@pytest.mark.parametrize("recovered", [True, False])
+def test_history_reply_reports_recovered_when_given(recovered: bool) -> None:
+    """A history reply to a since request says whether the position could be continued."""
+    body = orjson.loads(protocol.history_reply("r", [], 5, "e", 3, recovered=recovered))
+    assert body == {
+        "type": "history", "room": "r", "offset": 5, "epoch": "e", "id": 3,
+        "recovered": recovered, "messages": [],
+    }
 
 
 def test_pong_echoes_the_id_only_when_given() -> None:

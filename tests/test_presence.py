@@ -1,0 +1,173 @@
+"""Cluster-wide presence on a real redis-server: queries, events, node death, grace, nicks."""
+
+from __future__ import annotations
+
+import json
+import time
+import urllib.request
+from collections.abc import Callable
+from typing import Any
+
+from tests.harness import Client, NodeProcess, RedisServer, native, wait_for
+
+
+def get(node: NodeProcess, path: str) -> Any:
+    with urllib.request.urlopen(f"{node.http}{path}", timeout=5) as reply:
+        return json.loads(reply.read())
+
+
+def two_nodes(start_node: Callable[..., NodeProcess], redis: RedisServer,
+              grace: str = "0.5") -> tuple[NodeProcess, NodeProcess]:
+    flags = ("--presence-grace", grace, "--rate-burst", "500")
+    return start_node(redis.url, *flags), start_node(redis.url, *flags)
+
+
+async def test_presence_is_cluster_wide(
+    redis_server: RedisServer, start_node: Callable[..., NodeProcess]
+) -> None:
+    """A presence query on either node lists members of both nodes; stats list both nodes."""
+    a, b = two_nodes(start_node, redis_server)
+    alice, bob = await native(a, "alice", "Alice"), await native(b, "bob", "Bob")
+    await alice.request({"type": "join", "room": "r", "id": 1})
+    await bob.request({"type": "join", "room": "r", "id": 1})
+    reply = await alice.request({"type": "presence", "room": "r", "id": 2})
+    assert reply["count"] == 2
+    assert {(m["user_id"], m["node_id"]) for m in reply["members"]} == {
+        ("alice", a.node_id), ("bob", b.node_id)}
+    for node in (a, b):
+        members = get(node, "/api/rooms/r/members")
+        assert members["count"] == 2
+        assert {m["username"] for m in members["members"]} == {"Alice", "Bob"}
+    stats = get(a, "/api/stats")
+    assert set(stats["cluster"]["nodes"]) == {a.node_id, b.node_id}
+    await wait_for(lambda: get(a, "/api/stats")["cluster"]["nodes"][b.node_id]["connections"] == 1,
+                   what="b's connection count in a's stats")
+    assert stats["cluster"]["rooms"] == {"r": 2}
+
+
+async def test_user_joined_once_per_user_across_connections(
+    redis_server: RedisServer, start_node: Callable[..., NodeProcess]
+) -> None:
+    """A user with connections on two nodes is announced once, and leaves once, after both go."""
+    a, b = two_nodes(start_node, redis_server)
+    watcher = await native(a, "watcher")
+    await watcher.request({"type": "join", "room": "r", "id": 1})
+    tab1, tab2 = await native(a, "carol"), await native(b, "carol")
+    await tab1.request({"type": "join", "room": "r", "id": 1})
+    await tab2.request({"type": "join", "room": "r", "id": 1})
+    joined = await watcher.expect("user_joined")
+    assert joined["user_id"] == "carol"
+    await tab1.close()
+    await watcher.request({"type": "ping", "id": "sync"})
+    await tab2.close()
+    left = await watcher.expect("user_left", timeout=5)
+    assert left["user_id"] == "carol"
+    events = [m["type"] for m in watcher.seen if m["type"] in ("user_joined", "user_left")]
+    assert events == ["user_joined", "user_left"]
+
+
+async def test_killed_node_vanishes_within_ten_seconds(
+    redis_server: RedisServer, start_node: Callable[..., NodeProcess]
+) -> None:
+    """kill -9 of a node: its users leave presence and stats within 10 s and the room gets
+    user_left for them."""
+    a, b = start_node(redis_server.url), start_node(redis_server.url)  # Default lease and grace.
+    alice, doomed = await native(a, "alice"), await native(b, "doomed")
+    await alice.request({"type": "join", "room": "r", "id": 1})
+    await doomed.request({"type": "join", "room": "r", "id": 1})
+    assert (await alice.request({"type": "presence", "room": "r", "id": 2}))["count"] == 2
+    killed_at = time.monotonic()
+    b.kill()
+
+    def gone() -> bool:
+        stats = get(a, "/api/stats")["cluster"]
+        members = get(a, "/api/rooms/r/members")["members"]
+        return b.node_id not in stats["nodes"] and [m["user_id"] for m in members] == ["alice"]
+
+    await wait_for(gone, timeout=10, interval=0.2, what="dead node gone from presence")
+    vanished = time.monotonic() - killed_at
+    left = await alice.expect("user_left", timeout=15 - vanished)
+    assert left["user_id"] == "doomed"
+    print(f"dead node vanished after {vanished:.1f}s, user_left after "
+          f"{time.monotonic() - killed_at:.1f}s")
+    assert get(a, "/api/stats")["cluster"]["rooms"] == {"r": 1}
+
+
+async def test_clean_shutdown_removes_entries_at_once(
+    redis_server: RedisServer, start_node: Callable[..., NodeProcess]
+) -> None:
+    """A node stopped with SIGTERM has removed its presence entries by the time it exits."""
+    a, b = two_nodes(start_node, redis_server)
+    alice, bob = await native(a, "alice"), await native(b, "bob")
+    await alice.request({"type": "join", "room": "r", "id": 1})
+    await bob.request({"type": "join", "room": "r", "id": 1})
+    assert b.stop() == 0
+    members = get(a, "/api/rooms/r/members")["members"]
+    assert [m["user_id"] for m in members] == ["alice"]
+    assert b.node_id not in get(a, "/api/stats")["cluster"]["nodes"]
+
+
+async def test_reconnect_within_grace_does_not_flap(
+    redis_server: RedisServer, start_node: Callable[..., NodeProcess]
+) -> None:
+    """A user who drops and comes back (on another node) within the grace window causes no
+    user_left/user_joined; one who stays away leaves after it."""
+    a, b = two_nodes(start_node, redis_server, grace="3")
+    watcher = await native(a, "watcher")
+    await watcher.request({"type": "join", "room": "r", "id": 1})
+    dave = await native(a, "dave")
+    await dave.request({"type": "join", "room": "r", "id": 1})
+    await watcher.expect("user_joined", user_id="dave")
+    await dave.close()
+    dave = await native(b, "dave")
+    await dave.request({"type": "join", "room": "r", "id": 1})
+    # Watch past the end of the grace window, with dave present: no event may come.
+    deadline = time.monotonic() + 4
+    while time.monotonic() < deadline:
+        try:
+            event = await watcher.recv(timeout=deadline - time.monotonic())
+        except TimeoutError:
+            break
+        assert event["type"] not in ("user_left", "user_joined"), event
+    await dave.close()
+    assert (await watcher.expect("user_left", timeout=8))["user_id"] == "dave"
+
+
+async def test_nick_taken_across_nodes(
+    redis_server: RedisServer, start_node: Callable[..., NodeProcess]
+) -> None:
+    """A nick held on one node is refused on the other, and free again once released."""
+    a, b = two_nodes(start_node, redis_server)
+    first, second = await native(a, "u1"), await native(b, "u2")
+    ok = await first.request({"type": "join", "room": "r", "nick": "Zed", "id": 1})
+    assert ok["type"] == "joined"
+    taken = await second.request({"type": "join", "room": "r", "nick": "zed", "id": 2})
+    assert taken["type"] == "error" and taken["code"] == "nick_taken"
+    other_room = await second.request({"type": "join", "room": "r2", "nick": "zed", "id": 3})
+    assert other_room["type"] == "joined"
+    await first.request({"type": "leave", "room": "r", "id": 4})
+    again = await second.request({"type": "join", "room": "r", "nick": "zed", "id": 5})
+    assert again["type"] == "joined"
+    nicks = [m.get("nick") for m in (await second.request(
+        {"type": "presence", "room": "r", "id": 6}))["members"]]
+    assert nicks == ["zed"]
+
+
+async def test_tutorial_nick_taken_across_nodes(
+    redis_server: RedisServer, start_node: Callable[..., NodeProcess]
+) -> None:
+    """The tutorial chat on '/' is one room cluster-wide: a nick in use on another node is
+    refused with close 1008 'nick taken', and chat crosses nodes."""
+    a, b = two_nodes(start_node, redis_server)
+    ann = await Client.open(a.ws("/"))
+    await ann.send({"type": "join", "nick": "ann"})
+    await ann.expect("info")
+    dup = await Client.open(b.ws("/"))
+    await dup.send({"type": "join", "nick": "ANN"})
+    assert "taken" in (await dup.expect("error"))["text"]
+    assert await dup.closed() == 1008 and dup.ws.close_reason == "nick taken"
+    bea = await Client.open(b.ws("/"))
+    await bea.send({"type": "join", "nick": "bea"})
+    assert "2 present" in (await bea.expect("info"))["text"]
+    await bea.send({"type": "chat", "text": "hello from b"})
+    assert await ann.expect("chat") == {"type": "chat", "nick": "bea", "text": "hello from b"}
