@@ -235,3 +235,37 @@ async def test_sigterm_closes_clients_and_exits_zero(node: NodeProcess) -> None:
     codes = await asyncio.gather(*(c.closed() for c in clients))
     assert all(code in (1001, 1012) for code in codes), codes
     assert node.proc is not None and node.proc.returncode == 0
+
+
+async def test_slow_consumer_is_closed_and_others_get_everything(
+    start_node: Callable[..., NodeProcess],
+) -> None:
+    """A member that stops reading is closed with 1013 once its send buffer passes
+    --max-send-buffer; the other members keep receiving every message."""
+    node = start_node(None, "--max-send-buffer", "65536", "--rate-limit", "100000",
+                      "--rate-burst", "100000", "--max-message-size", "1048576")
+    slow, fast, pub = await native(node, "slow"), await native(node, "fast"), await native(
+        node, "pub")
+    for client in (slow, fast):
+        await client.request({"type": "join", "room": "r", "id": 1})
+    slow.ws.transport.pause_reading()  # Stops reading: the kernel buffers fill, then ours.
+    blob = "x" * 16384
+    sent = 0
+    received = 0
+    # Bounded: at most 4000 messages (64 MiB) or until the node reports the cut.
+    while sent < 4000 and not node.logged("closing slow consumer"):
+        for _ in range(50):
+            await pub.send({"type": "publish", "room": "r", "data": blob})
+            sent += 1
+        while received < sent - 100:
+            await fast.expect("message", timeout=10)
+            received += 1
+    assert node.logged("closing slow consumer"), f"no cut after {sent} messages"
+    while received < sent:
+        await fast.expect("message", timeout=10)
+        received += 1
+    status, body, _ = http_get(f"{node.http}/metrics")
+    assert b'roomcast_errors_total{code="slow_consumer"} 1.0' in body
+    slow.ws.transport.resume_reading()
+    code = await slow.closed(timeout=15)
+    assert code == 1013 and slow.ws.close_reason == "slow consumer"
