@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import signal
+import time
 from typing import Any
 
 import structlog
@@ -19,6 +20,7 @@ from node import dialects
 from node.broker import Broker, MemoryBroker
 from node.closecodes import CloseCode
 from node.config import Config
+from node.drain import close_now, close_paced
 from node.handlers import Handlers
 from node.http import HttpRoutes
 from node.hub import Hub
@@ -29,6 +31,8 @@ from node.protocol import event
 from node.session import Session
 
 log = structlog.get_logger("roomcast.node")
+
+DRAIN_MARGIN = 5.0  # Seconds past the window for the last closing handshakes.
 
 
 def build_backends(config: Config) -> tuple[Broker, PresenceStore]:
@@ -66,7 +70,9 @@ class Node:
         self.port = 0
         self._accepting = False
         self._stopped = asyncio.Event()
+        self._drain_task: asyncio.Task[None] | None = None
         self._shutdown_task: asyncio.Task[None] | None = None
+        self._stopping = False
         self._signals = 0
 
     # --- state seen by handlers and routes ------------------------------------------------------
@@ -154,7 +160,7 @@ class Node:
         )
 
     async def run(self) -> None:
-        """Serve until SIGTERM/SIGINT (or request_drain), then shut down."""
+        """Serve until stopped: the first SIGTERM/SIGINT drains, a second one stops at once."""
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._on_signal, sig)
@@ -162,27 +168,60 @@ class Node:
 
     def _on_signal(self, sig: signal.Signals) -> None:
         self._signals += 1
-        log.info("signal received", signal=sig.name)
-        self.request_drain()
+        log.info("signal received", signal=sig.name, count=self._signals)
+        if self._signals == 1:
+            self.request_drain()
+        else:
+            self.request_stop_now()
 
     def request_drain(self) -> None:
-        """Begin the shutdown path once; later calls are harmless."""
-        if self._shutdown_task is None:
-            self._shutdown_task = asyncio.ensure_future(self.shutdown())
+        """Begin a drain (see node/drain.py) once; later calls are harmless."""
+        if self._drain_task is None and self._shutdown_task is None:
+            self._drain_task = asyncio.ensure_future(self._drain())
 
-    async def shutdown(self, code: int = CloseCode.GOING_AWAY) -> None:
-        """Readiness off, stop accepting, close connections, close backends. Idempotent."""
-        if self._stopped.is_set():
-            return
+    def request_stop_now(self) -> None:
+        """Stop at once: close what is left with 1001 (a second signal during a drain)."""
+        if self._drain_task is not None:
+            self._drain_task.cancel()
+        if self._shutdown_task is None:
+            self._shutdown_task = asyncio.ensure_future(self.shutdown(CloseCode.GOING_AWAY))
+
+    async def _drain(self) -> None:
+        cfg = self.config
+        started = time.monotonic()
+        self._stop_accepting()
+        log.info("drain started", connections=len(self.sessions), delay=cfg.drain_delay,
+                 window=cfg.drain_window)
+        await asyncio.sleep(cfg.drain_delay)
+        tasks = await close_paced(list(self.sessions.values()), self.hub, cfg.drain_window)
+        if tasks:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True),
+                                       DRAIN_MARGIN)
+        log.info("drain closed connections", closed=len(tasks),
+                 seconds=round(time.monotonic() - started, 2))
+        if self._shutdown_task is None:
+            self._shutdown_task = asyncio.ensure_future(
+                self.shutdown(CloseCode.SERVICE_RESTART))
+
+    def _stop_accepting(self) -> None:
         self._accepting = False
         self.metrics.ready.set(0)
-        log.info("node stopping", connections=len(self.sessions))
+
+    async def shutdown(self, code: int = CloseCode.GOING_AWAY) -> None:
+        """Readiness off, stop listening, close connections, close backends. Idempotent."""
+        if self._stopping:
+            await self._stopped.wait()
+            return
+        self._stopping = True
+        self._stop_accepting()
+        log.info("node stopping", connections=len(self.sessions), code=code)
         if self.server is not None:
             self.server.close(close_connections=False)
-            for session in list(self.sessions.values()):
-                with contextlib.suppress(Exception):
-                    await asyncio.wait_for(session.ws.close(code, "going away"), 2.0)
-            await self.server.wait_closed()
+            reason = "service restart" if code == CloseCode.SERVICE_RESTART else "going away"
+            await close_now(list(self.sessions.values()), code, reason, within=5.0)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.server.wait_closed(), 5.0)
         await self.hub.close()
         await self.presence.close()
         await self.broker.close()

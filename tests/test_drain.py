@@ -1,0 +1,112 @@
+"""Draining a node: readiness off, 503 to handshakes, paced reconnect + 1012, exit in time."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+
+import pytest
+from websockets.exceptions import InvalidStatus
+
+from node.drain import batch_plan
+from tests.harness import Client, NodeProcess, RedisServer, native, wait_for
+
+
+def status(url: str) -> int:
+    try:
+        with urllib.request.urlopen(url, timeout=5) as reply:
+            return int(reply.status)
+    except urllib.error.HTTPError as exc:
+        return exc.code
+
+
+def test_batch_plan_spreads_closes_over_the_window() -> None:
+    """Closes are split into batches across the window, never one batch for many clients."""
+    assert batch_plan(0, 10) == []
+    assert batch_plan(3, 10) == [1, 1, 1]
+    plan = batch_plan(1000, 10)
+    assert len(plan) == 100 and sum(plan) == 1000 and max(plan) == 10
+    assert batch_plan(5, 0) == [5]  # A zero window still closes everyone.
+
+
+async def test_drain_hands_clients_off_with_reconnect_and_1012(
+    redis_server: RedisServer, start_node: Callable[..., NodeProcess]
+) -> None:
+    """SIGTERM: readiness 503 and handshakes 503 at once; after the delay each client gets a
+    'reconnect' hint with its rooms' positions, then close 1012, paced over the window; the
+    node exits 0 within delay + window + margin and removes its presence."""
+    delay, window = 1.0, 2.0
+    node = start_node(redis_server.url, "--drain-delay", str(delay), "--drain-window",
+                      str(window), "--rate-burst", "500")
+    other = start_node(redis_server.url)
+    clients = [await native(node, f"u{i}") for i in range(20)]
+    for client in clients:
+        await client.request({"type": "join", "room": "d", "id": 1})
+    ack = await clients[0].request({"type": "publish", "room": "d", "data": "x", "id": 2})
+    for client in clients:
+        await client.expect("message")
+
+    started = time.monotonic()
+    node.signal(signal.SIGTERM)
+    await wait_for(lambda: status(f"{node.http}/readyz") == 503, timeout=2,
+                   what="readiness off")
+    with pytest.raises(InvalidStatus) as refused:
+        await Client.open(node.ws("/ws?user_id=late"))
+    assert refused.value.response.status_code == 503
+
+    hints = await asyncio.gather(*(c.expect("reconnect", timeout=delay + window + 5)
+                                   for c in clients))
+    codes = await asyncio.gather(*(c.closed() for c in clients))
+    assert set(codes) == {1012}
+    for hint in hints:
+        assert hint["rooms"] == {"d": {"offset": ack["offset"], "epoch": ack["epoch"]}}
+        assert 0 <= hint["retry_after_ms"] <= 1000
+    assert node.wait(timeout=delay + window + 10) == 0
+    elapsed = time.monotonic() - started
+    assert elapsed < delay + window + 5, f"drain took {elapsed:.1f}s"
+    closes = node.logged("connection closed")
+    close_times = sorted(line["timestamp"] for line in closes)
+    assert len(closes) == 20 and close_times[0] != close_times[-1]  # Not all at once.
+    reader = await native(other, "reader")
+    members = await reader.request({"type": "presence", "room": "d", "id": 3})
+    assert members["count"] == 0
+
+
+async def test_second_sigterm_closes_the_rest_with_1001(
+    start_node: Callable[..., NodeProcess],
+) -> None:
+    """A second SIGTERM during the drain delay closes every client at once with 1001."""
+    node = start_node(None, "--drain-delay", "30", "--drain-window", "30")
+    clients = [await native(node, f"u{i}") for i in range(5)]
+    node.signal(signal.SIGTERM)
+    await wait_for(lambda: node.logged("drain started"), timeout=5, what="drain start")
+    node.signal(signal.SIGTERM)
+    codes = await asyncio.gather(*(c.closed(timeout=10) for c in clients))
+    assert set(codes) == {1001}
+    assert node.wait(timeout=10) == 0
+
+
+async def test_admin_drain_needs_the_token(start_node: Callable[..., NodeProcess]) -> None:
+    """POST /admin/drain with the bearer token starts a drain; a wrong token gets 401."""
+    node = start_node(None, "--admin-token", "s3cret", "--drain-delay", "0.2",
+                      "--drain-window", "0.2")
+
+    def post(token: str) -> int:
+        request = urllib.request.Request(f"{node.http}/admin/drain", method="POST",
+                                         headers={"Authorization": f"Bearer {token}"})
+        try:
+            with urllib.request.urlopen(request, timeout=5) as reply:
+                return int(reply.status)
+        except urllib.error.HTTPError as exc:
+            return exc.code
+
+    client = await native(node, "u")
+    assert post("wrong") == 401
+    assert status(f"{node.http}/readyz") == 200
+    assert post("s3cret") == 202
+    assert await client.closed() == 1012
+    assert node.wait(timeout=10) == 0
