@@ -240,7 +240,7 @@ class Handlers:
                 ErrorCode.TOO_MANY_ROOMS,
                 f"at most {self.config.max_rooms_per_connection} rooms per connection", rid,
             )
-        nick = request.nick[: self.config.max_nick_length] if request.nick else None
+        nick = request.nick[: self.config.max_nick_length].strip() if request.nick else None
         if nick is not None and not await self.node.presence.claim_nick(
             room, nick, self.member(session, nick)
         ):

@@ -18,6 +18,7 @@ from websockets.datastructures import Headers
 from websockets.http11 import Request, Response
 
 from node import protocol
+from node.broker import BrokerUnavailable
 
 if TYPE_CHECKING:
     from node.server import Node
@@ -56,6 +57,12 @@ class HttpRoutes:
         self, connection: ServerConnection, request: Request
     ) -> Response | None:
         """Answer plain HTTP; return None to let a WebSocket handshake proceed."""
+        try:
+            return await self.route(request)
+        except BrokerUnavailable:
+            return json_response(503, {"error": "the cluster backend is unavailable"})
+
+    async def route(self, request: Request) -> Response | None:
         path = urlsplit(request.path).path
         upgrade = request.headers.get("Upgrade", "").lower() == "websocket"
         if upgrade:

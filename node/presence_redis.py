@@ -70,6 +70,10 @@ class RedisPresence:
                          "claim_nick")
         }
         self._connections = 0
+        #: This node's entries, so they can be written again if Redis loses them.
+        self._local: dict[tuple[str, str], Member] = {}
+        #: Removals that failed while Redis was unreachable, retried by the ticker.
+        self._pending_removals: list[tuple[str, Member, int]] = []
         self._on_user_left: OnUserLeft | None = None
         self._task: asyncio.Task[None] | None = None
         self._closed = False
@@ -100,6 +104,7 @@ class RedisPresence:
     async def _tick_forever(self) -> None:
         while True:
             try:
+                await self._retry_removals()
                 await self._refresh_lease()
                 await self._reap_dead()
                 await self._announce_due_leaves()
@@ -111,8 +116,20 @@ class RedisPresence:
                 log.error("presence tick crashed", exc_info=True)
             await asyncio.sleep(TICK)
 
+    async def _retry_removals(self) -> None:
+        while self._pending_removals:
+            room, member, deadline = self._pending_removals[0]
+            await self._remove(room, member, deadline)
+            self._pending_removals.pop(0)
+
     async def _refresh_lease(self) -> None:
         k = self._keys
+        if await self._redis.zscore(k.nodes(), self._node_id) is None and self._local:
+            # Our lease is gone while we hold entries: Redis lost its data (restart, flush,
+            # failover) or another node reaped us after a long pause. Write them back.
+            log.warning("re-registering presence", entries=len(self._local))
+            for (room, _), member in list(self._local.items()):
+                await self._add(room, member)
         async with self._redis.pipeline(transaction=False) as pipe:
             pipe.zadd(k.nodes(), {self._node_id: ms() + self._lease_ms})
             pipe.hset(k.node_info(self._node_id), mapping={"connections": self._connections})
@@ -157,6 +174,11 @@ class RedisPresence:
 
     @unavailable_on_redis_error
     async def add(self, room: str, member: Member) -> bool:
+        fresh = await self._add(room, member)
+        self._local[(room, member.conn_id)] = member
+        return fresh
+
+    async def _add(self, room: str, member: Member) -> bool:
         fresh = await self._scripts["presence_add"](
             keys=self._room_keys(room),
             args=[self._node_id, member.conn_id, orjson.dumps(member.to_dict()),
@@ -164,12 +186,20 @@ class RedisPresence:
         )
         return bool(fresh)
 
-    @unavailable_on_redis_error
     async def remove(self, room: str, member: Member) -> None:
+        """Never fails: while Redis is unreachable the removal is queued and retried."""
+        self._local.pop((room, member.conn_id), None)
+        deadline = ms() + self._grace_ms
+        try:
+            await self._remove(room, member, deadline)
+        except (RedisError, OSError):
+            self._pending_removals.append((room, member, deadline))
+
+    async def _remove(self, room: str, member: Member, deadline_ms: int) -> None:
         await self._scripts["presence_remove"](
             keys=[*self._room_keys(room), self._keys.nicks(room)],
             args=[self._node_id, member.conn_id, member.user_id, room, member.username,
-                  ms() + self._grace_ms, nick_key(member.nick) if member.nick else ""],
+                  deadline_ms, nick_key(member.nick) if member.nick else ""],
         )
 
     async def _alive_nodes(self) -> set[str]:

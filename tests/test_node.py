@@ -264,7 +264,7 @@ async def test_slow_consumer_is_closed_and_others_get_everything(
     while received < sent:
         await fast.expect("message", timeout=10)
         received += 1
-    status, body, _ = http_get(f"{node.http}/metrics")
+    _, body, _ = http_get(f"{node.http}/metrics")
     assert b'roomcast_errors_total{code="slow_consumer"} 1.0' in body
     slow.ws.transport.resume_reading()
     code = await slow.closed(timeout=15)

@@ -171,3 +171,28 @@ async def test_tutorial_nick_taken_across_nodes(
     assert "2 present" in (await bea.expect("info"))["text"]
     await bea.send({"type": "chat", "text": "hello from b"})
     assert await ann.expect("chat") == {"type": "chat", "nick": "bea", "text": "hello from b"}
+
+
+async def test_presence_survives_redis_losing_its_data(
+    redis_server: RedisServer, start_node: Callable[..., NodeProcess]
+) -> None:
+    """Redis restarted empty: connected users reappear in presence; a leave made while Redis
+    was down is applied once it is back."""
+    a, b = two_nodes(start_node, redis_server)
+    stay, go = await native(a, "stay"), await native(b, "go")
+    await stay.request({"type": "join", "room": "r", "id": 1})
+    await go.request({"type": "join", "room": "r", "id": 1})
+    redis_server.kill()
+    left = await go.request({"type": "leave", "room": "r", "id": 2})
+    assert left["type"] == "left"
+    redis_server.start()
+
+    async def members() -> list[str]:
+        reply = await stay.request({"type": "presence", "room": "r", "id": "p"})
+        return sorted(m["user_id"] for m in reply.get("members", []))
+
+    async def settled() -> bool:
+        return await members() == ["stay"]
+
+    await wait_for(settled, timeout=15, interval=0.3, what="presence re-registered")
+    assert get(b, "/api/rooms/r/members")["count"] == 1
