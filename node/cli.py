@@ -6,6 +6,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
+from node import client_cli
 from node import config as config_module
 
 
@@ -43,6 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     config_module.add_arguments(node)
     node.set_defaults(func=run_node)
+    client_cli.register(sub)
     return parser
 
 

@@ -4,7 +4,8 @@
 ``leave``, ``publish``, ``presence`` and ``history`` are requests answered by the node (matched
 to their reply by an integer ``id``); ``async for event in client`` yields what the node pushes
 (``message``, ``typing``, ``user_joined``, ``user_left``, ...). docs/PROTOCOL.md describes every
-envelope; this module adds one synthetic event, ``recovery_failed`` (see ``Client``).
+envelope; this module adds two synthetic events, ``recovery_failed`` and ``rejoin_failed``
+(see ``Client``).
 
 The client survives its connection: after an unexpected close it reconnects with exponential
 backoff and full jitter, rejoins every room it was in with ``since`` set to the last message it
@@ -221,6 +222,8 @@ class _Connection:
     pending: dict[int, _Request] = field(default_factory=dict)
     #: The last ``reconnect`` envelope: the node is about to close with 1012.
     hint: Envelope | None = None
+    #: Rooms whose ``joined`` reply arrived on this connection.
+    joined: set[str] = field(default_factory=set)
     reader: asyncio.Task[None] | None = None
     lost: bool = False
     close_code: int | None = None
@@ -249,11 +252,16 @@ class Client:
 
     Reconnection: after any close that ``should_reconnect`` allows, the client waits
     ``uniform(0, min(backoff_cap, backoff_base * 2**attempt))`` seconds before each attempt, and
-    ``pause`` seconds after every ``max_failures_before_pause`` failures in a row. A ``reconnect``
-    envelope before the close replaces that first wait by its ``retry_after_ms``. A terminal close
+    ``pause`` seconds after every ``max_failures_before_pause`` failures in a row (a connection
+    that lasted less than STABLE_AFTER seconds counts as a failure too). A ``reconnect`` envelope
+    before the close replaces the first wait by its ``retry_after_ms``. A terminal close
     (1000, 1008, 1009, ...) ends iteration with ClientClosed carrying the code, and fails every
-    request from then on. WebSocket pings every ``ping_interval`` seconds detect a dead peer
-    within ``ping_timeout``. ``close()`` ends iteration normally.
+    request from then on. ``close()`` ends iteration normally.
+
+    Heartbeat: websockets pings every ``ping_interval`` seconds; a peer that does not answer
+    within ``ping_timeout`` is given ``close_timeout`` more to complete a closing handshake, then
+    dropped, and the client reconnects. A silent dead connection is thus noticed at most
+    ``ping_interval + ping_timeout + close_timeout`` seconds after it died.
     """
 
     def __init__(
@@ -268,6 +276,7 @@ class Client:
         pause: float = 60.0,
         ping_interval: float | None = 20,
         ping_timeout: float | None = 20,
+        close_timeout: float = 2.0,
         request_timeout: float = 10.0,
         max_queue: int = 1024,
         rng: random.Random | None = None,
@@ -279,6 +288,7 @@ class Client:
         self.pause = pause
         self.ping_interval = ping_interval
         self.ping_timeout = ping_timeout
+        self.close_timeout = close_timeout
         self.request_timeout = request_timeout
         self.max_queue = max(1, max_queue)
         self.rng = rng if rng is not None else random.Random()
@@ -529,7 +539,7 @@ class Client:
         if request_id is not None:
             request = conn.pending.pop(request_id, None) if isinstance(request_id, int) else None
             if request is not None:
-                return self._reply(request, envelope)
+                return self._reply(conn, request, envelope)
         if (
             kind == "error" and request_id is None
             and envelope.get("code") == ErrorCode.RATE_LIMITED and conn.pending
@@ -538,7 +548,7 @@ class Client:
             # serves a connection's frames one at a time, in order, and every frame this client
             # sends expects a reply: the refusal is the oldest request still waiting.
             oldest = next(iter(conn.pending))
-            return self._reply(conn.pending.pop(oldest), envelope)
+            return self._reply(conn, conn.pending.pop(oldest), envelope)
         if kind == "message":
             return self._message(envelope)
         if kind == "reconnect":
@@ -548,7 +558,7 @@ class Client:
             return []
         return [envelope]
 
-    def _reply(self, request: _Request, reply: Envelope) -> list[Envelope]:
+    def _reply(self, conn: _Connection, request: _Request, reply: Envelope) -> list[Envelope]:
         events: list[Envelope] = []
         if reply.get("type") == "error":
             if not request.future.done():
@@ -557,6 +567,7 @@ class Client:
         if reply.get("type") == "joined":
             # Here, not in join(): the replayed and live messages right behind this reply are
             # dispatched before join()'s caller runs again, and must find the room's position.
+            conn.joined.add(str(request.body["room"]))
             events = self._joined(request.body, reply, request.rejoin)
         if not request.future.done():
             request.future.set_result(reply)
@@ -626,7 +637,7 @@ class Client:
                 ping_timeout=self.ping_timeout,
                 # The node bounds what it sends; a history reply may hold 1000 stored messages.
                 max_size=None,
-                close_timeout=5,
+                close_timeout=self.close_timeout,
             )
         except (OSError, WebSocketException, TimeoutError) as exc:
             raise ConnectError(f"cannot connect to {self.url}: {exc}") from exc
@@ -673,20 +684,20 @@ class Client:
                     return
                 code = conn.close_code
                 if code is not None and not should_reconnect(code):
-                    log.warning("closed for good: code %s %s", code, conn.close_reason)
+                    log.info("closed for good: code %s %s", code, conn.close_reason)
                     self._finish(ClientClosed(code, conn.close_reason))
                     return
                 if loop.time() - conn.opened_at >= STABLE_AFTER:
                     self._failures = 0
                 else:
                     self._failures += 1
-                delay = self._use_hint(conn.hint) if conn.hint is not None else self._delay()
+                delay = self._use_hint(conn) if conn.hint is not None else self._delay()
                 log.info("connection lost (code %s); reconnecting in %.2f s", code, delay)
                 conn = await self._reconnect(delay)
         except asyncio.CancelledError:
             raise
         except ClientClosed as exc:  # A terminal close while rejoining.
-            log.warning("closed for good: %s", exc)
+            log.info("closed for good: %s", exc)
             self._finish(exc)
         except Exception:
             # Task boundary: a bug ends the client with an error instead of hanging it.
@@ -699,12 +710,15 @@ class Client:
             max_failures=self.max_failures_before_pause, pause=self.pause, rng=self.rng,
         )
 
-    def _use_hint(self, hint: Envelope) -> float:
+    def _use_hint(self, conn: _Connection) -> float:
         """Adopt a ``reconnect`` hint's newer positions; return its ``retry_after_ms`` in s."""
+        hint = conn.hint or {}
         rooms = hint.get("rooms")
         for room, position in (rooms.items() if isinstance(rooms, dict) else ()):
             state = self._rooms.get(room)
-            if state is None or not isinstance(position, dict):
+            # A room whose join (or rejoin) was not answered yet on this connection is skipped:
+            # the node's position may include messages that it never sent us.
+            if state is None or room not in conn.joined or not isinstance(position, dict):
                 continue
             offset, epoch = position.get("offset"), position.get("epoch")
             if not isinstance(offset, int) or not isinstance(epoch, str):

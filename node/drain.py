@@ -54,7 +54,8 @@ def reconnect_hint(session: Session, hub: Hub, retry_after_ms: int) -> bytes:
     rooms: dict[str, dict[str, Any]] = {}
     for name in session.rooms:
         room = hub.rooms.get(name)
-        if room is not None and room.epoch:
+        # A session still replaying history has not received up to the room's position.
+        if room is not None and room.epoch and session not in room.pending:
             rooms[name] = {"offset": room.offset, "epoch": room.epoch}
     return protocol.reconnect(retry_after_ms, rooms)
 

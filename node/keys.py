@@ -36,7 +36,7 @@ class Keys:
         return f"{self.prefix}:presnodes:{{{room}}}"
 
     def nicks(self, room: str) -> str:
-        """Hash nick -> ``node_id conn_id`` of the connection holding it."""
+        """Hash nick -> ``node_id conn_id user_id`` of the connection holding it."""
         return f"{self.prefix}:nicks:{{{room}}}"
 
     def users(self, room: str) -> str:

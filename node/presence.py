@@ -75,7 +75,7 @@ class MemoryPresence:
         self._node_id = node_id
         self._grace = grace
         self._rooms: dict[str, dict[str, Member]] = {}
-        self._nicks: dict[str, dict[str, str]] = {}
+        self._nicks: dict[str, dict[str, tuple[str, str]]] = {}  # nick -> (conn_id, user_id)
         self._leaving: dict[tuple[str, str], asyncio.TimerHandle] = {}
         self._on_user_left: OnUserLeft | None = None
         self._connections = 0
@@ -105,7 +105,8 @@ class MemoryPresence:
     async def remove(self, room: str, member: Member) -> None:
         if member.nick is not None:
             nicks = self._nicks.get(room, {})
-            if nicks.get(nick_key(member.nick)) == member.conn_id:
+            holder = nicks.get(nick_key(member.nick))
+            if holder is not None and holder[0] == member.conn_id:
                 del nicks[nick_key(member.nick)]
         entries = self._rooms.get(room, {})
         if entries.pop(member.conn_id, None) is None:
@@ -133,9 +134,10 @@ class MemoryPresence:
     async def claim_nick(self, room: str, nick: str, member: Member) -> bool:
         holders = self._nicks.setdefault(room, {})
         holder = holders.get(nick_key(nick))
-        if holder is not None and holder != member.conn_id:
+        # The same user may take its nick over: a reconnect before the old connection is gone.
+        if holder is not None and holder[1] != member.user_id:
             return False
-        holders[nick_key(nick)] = member.conn_id
+        holders[nick_key(nick)] = (member.conn_id, member.user_id)
         return True
 
     async def stats(self) -> dict[str, Any]:

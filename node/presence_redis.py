@@ -225,7 +225,7 @@ class RedisPresence:
     async def claim_nick(self, room: str, nick: str, member: Member) -> bool:
         claimed = await self._scripts["claim_nick"](
             keys=[self._keys.nicks(room), self._keys.nodes()],
-            args=[nick_key(nick), f"{self._node_id} {member.conn_id}", ms()],
+            args=[nick_key(nick), f"{self._node_id} {member.conn_id} {member.user_id}", ms()],
         )
         return bool(claimed)
 

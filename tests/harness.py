@@ -6,6 +6,7 @@ Every process gets an ephemeral port, is stopped by PID, and every wait is bound
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import json
 import os
@@ -199,6 +200,8 @@ class Client:
     def __init__(self, ws: ClientConnection) -> None:
         self.ws = ws
         self.seen: list[dict[str, Any]] = []
+        # Envelopes read past by request() while looking for its reply; recv() returns them first.
+        self._backlog: collections.deque[dict[str, Any]] = collections.deque()
 
     @classmethod
     async def open(cls, url: str, **kwargs: Any) -> Client:
@@ -209,6 +212,8 @@ class Client:
         await self.ws.send(obj if isinstance(obj, str | bytes) else json.dumps(obj))
 
     async def recv(self, timeout: float = 5.0) -> dict[str, Any]:
+        if self._backlog:
+            return self._backlog.popleft()
         raw = await asyncio.wait_for(self.ws.recv(), timeout)
         message: dict[str, Any] = json.loads(raw)
         self.seen.append(message)
@@ -229,10 +234,18 @@ class Client:
         """Send a request with an id and return the reply (or error) carrying that id."""
         await self.send(obj)
         deadline = time.monotonic() + timeout
-        while True:
-            message = await self.recv(max(0.01, deadline - time.monotonic()))
-            if message.get("id") == obj.get("id"):
-                return message
+        skipped: list[dict[str, Any]] = []
+        try:
+            while True:
+                left = max(0.01, deadline - time.monotonic())
+                raw = await asyncio.wait_for(self.ws.recv(), left)
+                message: dict[str, Any] = json.loads(raw)
+                self.seen.append(message)
+                if message.get("id") == obj.get("id"):
+                    return message
+                skipped.append(message)
+        finally:
+            self._backlog.extend(skipped)
 
     async def closed(self, timeout: float = 10.0) -> int | None:
         """Read until the server closes; return its close code."""

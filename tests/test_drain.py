@@ -47,6 +47,7 @@ async def test_drain_hands_clients_off_with_reconnect_and_1012(
     for client in clients:
         await client.request({"type": "join", "room": "d", "id": 1})
     ack = await clients[0].request({"type": "publish", "room": "d", "data": "x", "id": 2})
+    assert ack["type"] == "published", ack
     for client in clients:
         await client.expect("message")
 

@@ -151,6 +151,10 @@ async def test_nick_taken_across_nodes(
     nicks = [m.get("nick") for m in (await second.request(
         {"type": "presence", "room": "r", "id": 6}))["members"]]
     assert nicks == ["zed"]
+    # The holder's own user may take it over from a new connection (a reconnect).
+    u2_again = await native(a, "u2")
+    mine = await u2_again.request({"type": "join", "room": "r", "nick": "Zed", "id": 7})
+    assert mine["type"] == "joined"
 
 
 async def test_tutorial_nick_taken_across_nodes(

@@ -7,7 +7,9 @@
 -- KEYS[7] rooms set                            KEYS[8] nicks hash of the room
 -- ARGV[1] node_id  ARGV[2] conn_id  ARGV[3] user_id  ARGV[4] room  ARGV[5] username
 -- ARGV[6] leave deadline (unix ms)  ARGV[7] nick key or ''
-if ARGV[7] ~= '' and redis.call('HGET', KEYS[8], ARGV[7]) == ARGV[1] .. ' ' .. ARGV[2] then
+local holder = ARGV[7] ~= '' and redis.call('HGET', KEYS[8], ARGV[7])
+local mine = ARGV[1] .. ' ' .. ARGV[2] .. ' '
+if holder and string.sub(holder, 1, #mine) == mine then
   redis.call('HDEL', KEYS[8], ARGV[7])
 end
 if redis.call('HDEL', KEYS[1], ARGV[2]) == 0 then return 0 end

@@ -20,7 +20,9 @@ for _, room in ipairs(redis.call('SMEMBERS', KEYS[2])) do
     dropped = dropped + 1
     if member.nick then
       local key = string.lower(member.nick)
-      if redis.call('HGET', nicks, key) == ARGV[1] .. ' ' .. conn then
+      local holder = redis.call('HGET', nicks, key)
+      local mine = ARGV[1] .. ' ' .. conn .. ' '
+      if holder and string.sub(holder, 1, #mine) == mine then
         redis.call('HDEL', nicks, key)
       end
     end

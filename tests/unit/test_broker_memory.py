@@ -471,12 +471,14 @@ def test_member_to_dict_omits_an_absent_nick() -> None:
 async def test_nick_claims_conflict_across_connections_case_insensitively(
     presence: tuple[MemoryPresence, LeftRecorder],
 ) -> None:
-    """A nick held by one connection is refused to another in any letter case, in that room only."""
+    """A nick held by one user is refused to other users in any letter case, in that room only;
+    the same user may take it over from a new connection (a reconnect)."""
     store, _ = presence
     assert await store.claim_nick("r", "Alice", member("u1", "c1", "Alice")) is True
     assert await store.claim_nick("r", "Alice", member("u1", "c1", "Alice")) is True
     assert await store.claim_nick("r", "alice", member("u2", "c2", "alice")) is False
-    assert await store.claim_nick("r", "ALICE", member("u1", "c3", "ALICE")) is False
+    assert await store.claim_nick("r", "ALICE", member("u1", "c3", "ALICE")) is True
+    assert await store.claim_nick("r", "alice", member("u3", "c4", "alice")) is False
     assert await store.claim_nick("other", "alice", member("u2", "c2", "alice")) is True
 
 
