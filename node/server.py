@@ -97,13 +97,19 @@ class Node:
                 log.warning("presence cleanup failed", room=room, exc_info=True)
 
     def client_address(self, ws: ServerConnection) -> str:
-        """The peer address, or X-Forwarded-For's last hop when the peer is a trusted proxy."""
-        peer = ws.remote_address[0] if ws.remote_address else ""
-        if peer in self.config.trusted_proxies and ws.request is not None:
-            forwarded = ws.request.headers.get("X-Forwarded-For", "")
-            if forwarded:
-                return forwarded.split(",")[-1].strip()
-        return str(peer)
+        """The client's address: the peer, unless the peer is a trusted proxy, in which case
+        X-Forwarded-For is walked from the right past every trusted proxy (CDN -> nginx ->
+        node); anything left of the first untrusted hop may be forged and is ignored."""
+        address = str(ws.remote_address[0]) if ws.remote_address else ""
+        trusted = self.config.trusted_proxies
+        if address not in trusted or ws.request is None:
+            return address
+        hops = [h.strip() for h in ws.request.headers.get("X-Forwarded-For", "").split(",")]
+        for hop in reversed([h for h in hops if h]):
+            address = hop
+            if hop not in trusted:
+                break
+        return address
 
     async def stats(self) -> dict[str, Any]:
         cluster = await self.presence.stats()
