@@ -297,6 +297,8 @@ class Client:
         self.node_id: str | None = None
         #: Connections re-established after a drop.
         self.reconnects = 0
+        #: Connection attempts that failed (refused, failed handshake, no welcome).
+        self.failed_connects = 0
         self._rooms: dict[str, _RoomState] = {}
         self._conn: _Connection | None = None
         self._ready = asyncio.Event()  # set: _conn is usable by application requests
@@ -640,6 +642,7 @@ class Client:
                 close_timeout=self.close_timeout,
             )
         except (OSError, WebSocketException, TimeoutError) as exc:
+            self.failed_connects += 1
             raise ConnectError(f"cannot connect to {self.url}: {exc}") from exc
         try:
             async with asyncio.timeout(WELCOME_TIMEOUT):
@@ -647,6 +650,7 @@ class Client:
             if not isinstance(welcome, dict) or welcome.get("type") != "welcome":
                 raise ConnectError(f"{self.url} did not start with a welcome envelope")
         except (ConnectionClosed, TimeoutError, orjson.JSONDecodeError) as exc:
+            self.failed_connects += 1
             await ws.close()
             raise ConnectError(f"no welcome from {self.url}: {exc!r}") from exc
         except BaseException:
