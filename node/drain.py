@@ -23,7 +23,6 @@ import structlog
 
 from node import protocol
 from node.closecodes import CloseCode
-from node.handlers import write
 
 if TYPE_CHECKING:
     from node.hub import Hub
@@ -83,7 +82,7 @@ async def close_paced(
             if session.ws.close_code is not None:
                 continue
             if session.dialect == "native":
-                write(session, reconnect_hint(
+                hub.write(session, reconnect_hint(
                     session, hub, rng.randint(0, MAX_RETRY_JITTER_MS)))
             tasks.append(asyncio.ensure_future(
                 session.ws.close(CloseCode.SERVICE_RESTART, "service restart")))

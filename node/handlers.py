@@ -1,7 +1,7 @@
 """Connection handlers: one coroutine per connection, one per dialect.
 
-Every write to a client goes through ``write()``: a synchronous push of ready bytes into the
-connection's transport (the same path ``broadcast()`` takes). Replies, history replays and live
+Every write to a client goes through ``Hub.write``: a synchronous push of ready bytes into the
+connection's transport after any fan-out still pending for it. Replies, history replays and live
 fan-out therefore reach a client in exactly the order the node produced them.
 """
 
@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs, urlsplit
 
 import structlog
-from websockets.asyncio.server import ServerConnection, broadcast
+from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed
 
 from node import dialects, failpoints, protocol
@@ -31,11 +31,6 @@ log = structlog.get_logger("roomcast.conn")
 MAX_IDENTITY_LENGTH = 64
 
 
-def write(session: Session, payload: bytes) -> None:
-    """Queue ``payload`` as a text frame to one client, without yielding to the event loop."""
-    broadcast((session.ws,), payload, text=True)
-
-
 def now_ms() -> int:
     return time.time_ns() // 1_000_000
 
@@ -46,6 +41,8 @@ class Handlers:
     def __init__(self, node: Node) -> None:
         self.node = node
         self.config = node.config
+        #: Every reply goes through the hub's writer: one ordered stream per connection.
+        self.write = node.hub.write
 
     # --- entry point -------------------------------------------------------------------------
 
@@ -113,7 +110,7 @@ class Handlers:
         retry = limiter.retry_after_ms()
         if session.dialect == dialects.NATIVE:
             # The refused frame is parsed only for its id, so the client can match the refusal.
-            write(session, protocol.error(
+            self.write(session, protocol.error(
                 ErrorCode.RATE_LIMITED, "too many messages; slow down", _request_id(frame),
                 retry_after_ms=retry,
             ))
@@ -124,9 +121,9 @@ class Handlers:
     def dialect_error(self, session: Session, text: str) -> None:
         """An error in the shape the session's compatibility dialect uses."""
         if session.dialect == dialects.TUTORIAL:
-            write(session, dialects.tutorial("error", "server", text))
+            self.write(session, dialects.tutorial("error", "server", text))
         else:
-            write(session, dialects.fastapi_error(text))
+            self.write(session, dialects.fastapi_error(text))
 
     async def refuse_unavailable(self, session: Session) -> None:
         """The backend is down while a compat client connects: say so, close 1013."""
@@ -171,7 +168,7 @@ class Handlers:
     # --- native protocol ---------------------------------------------------------------------
 
     async def native(self, session: Session) -> None:
-        write(session, protocol.welcome(session.conn_id, self.node.node_id))
+        self.write(session, protocol.welcome(session.conn_id, self.node.node_id))
         async for frame in session.ws:
             if not await self.admit(session, frame):
                 if session.ws.close_code is not None:
@@ -183,10 +180,10 @@ class Handlers:
                 await self.native_request(session, request)
             except ProtocolError as exc:
                 self.node.metrics.errors.labels(code=exc.code).inc()
-                write(session, protocol.error_from(exc))
+                self.write(session, protocol.error_from(exc))
             except BrokerUnavailable:
                 self.node.metrics.errors.labels(code=ErrorCode.UNAVAILABLE).inc()
-                write(session, protocol.error(
+                self.write(session, protocol.error(
                     ErrorCode.UNAVAILABLE,
                     "the cluster backend is unavailable; nothing was done, retry later",
                     _request_id(frame),
@@ -197,7 +194,7 @@ class Handlers:
             case protocol.Publish(room, data, rid):
                 publication = await self.publish(session, room, data)
                 if rid is not None:
-                    write(session, protocol.published(
+                    self.write(session, protocol.published(
                         room, publication.offset, publication.epoch, rid
                     ))
             case protocol.Join():
@@ -206,7 +203,7 @@ class Handlers:
                 if room not in session.rooms:
                     raise ProtocolError(ErrorCode.NOT_JOINED, "not in this room", rid)
                 await self.leave_room(session, room)
-                write(session, protocol.left(room, rid))
+                self.write(session, protocol.left(room, rid))
             case protocol.Typing(room, rid):
                 await self.node.broker.publish_event(
                     room,
@@ -217,15 +214,15 @@ class Handlers:
                     origin=session.conn_id,
                 )
             case protocol.Ping(rid):
-                write(session, protocol.pong(rid))
+                self.write(session, protocol.pong(rid))
             case protocol.Presence(room, rid):
                 members = await self.node.presence.members(room)
-                write(session, protocol.presence_reply(
+                self.write(session, protocol.presence_reply(
                     room, [m.to_dict() for m in members], rid
                 ))
             case protocol.History(room, limit, since, rid):
                 result = await self.node.broker.history(room, since, limit)
-                write(session, protocol.history_reply(
+                self.write(session, protocol.history_reply(
                     room, result.messages, result.offset, result.epoch, rid,
                     recovered=result.recovered if since is not None else None,
                 ))
@@ -233,7 +230,7 @@ class Handlers:
     async def native_join(self, session: Session, request: protocol.Join) -> None:
         room, rid = request.room, request.id
         if room in session.rooms:
-            write(session, protocol.joined(room, rid))
+            self.write(session, protocol.joined(room, rid))
             return
         if len(session.rooms) >= self.config.max_rooms_per_connection:
             raise ProtocolError(
@@ -262,16 +259,16 @@ class Handlers:
         extra: dict[str, Any] = {"offset": result.offset, "epoch": result.epoch}
         if request.since is not None:
             extra["recovered"] = result.recovered
-        write(session, protocol.joined(room, rid, **extra))
+        self.write(session, protocol.joined(room, rid, **extra))
         if request.since is not None and result.recovered:
             for payload in result.messages:
-                write(session, payload)
+                self.write(session, payload)
         for publication in hub.finish_replay(room, session):
             if publication.offset == 0:
                 if publication.origin != session.conn_id:
-                    write(session, publication.payload)
+                    self.write(session, publication.payload)
             elif publication.epoch != result.epoch or publication.offset > result.offset:
-                write(session, publication.payload)
+                self.write(session, publication.payload)
 
     # --- FastAPI chat tutorial dialect ---------------------------------------------------------
 
@@ -288,10 +285,11 @@ class Handlers:
             await self.refuse_unavailable(session)
             return
         if fresh:  # The newcomer sees its own arrival first, then who is here.
-            write(session, dialects.fastapi_user_event(
+            self.write(session, dialects.fastapi_user_event(
                 "user_joined", room, session.user_id, session.username, now_ms()
             ))
-        write(session, dialects.fastapi_members(list(dict.fromkeys(m.user_id for m in members))))
+        user_ids = list(dict.fromkeys(m.user_id for m in members))
+        self.write(session, dialects.fastapi_members(user_ids))
         async for frame in session.ws:
             if not await self.admit(session):
                 if session.ws.close_code is not None:
@@ -314,9 +312,9 @@ class Handlers:
                             origin=session.conn_id,
                         )
                     case dialects.Ping():
-                        write(session, b'{"type":"pong"}')
+                        self.write(session, b'{"type":"pong"}')
                     case dialects.Unknown(kind):
-                        write(session, dialects.fastapi_error(f"unknown message type {kind!r}"))
+                        self.dialect_error(session, f"unknown message type {kind!r}")
             except BrokerUnavailable:
                 self.node.metrics.errors.labels(code=ErrorCode.UNAVAILABLE).inc()
                 self.dialect_error(
@@ -332,14 +330,14 @@ class Handlers:
             self.config.max_nick_length,
         )
         if not nick:
-            write(session, dialects.tutorial("error", "server", "first send {\"type\": \"join\","
-                                             " \"nick\": \"...\"} with a non-empty nick"))
+            self.dialect_error(
+                session, 'first send {"type": "join", "nick": "..."} with a non-empty nick')
             await session.ws.close(CloseCode.POLICY_VIOLATION, "join first")
             return
         session.user_id = session.username = nick
         try:
             if not await self.node.presence.claim_nick(room, nick, self.member(session, nick)):
-                write(session, dialects.tutorial("error", "server", f"nick {nick!r} is taken"))
+                self.write(session, dialects.tutorial("error", "server", f"nick {nick!r} is taken"))
                 await session.ws.close(CloseCode.POLICY_VIOLATION, "nick taken")
                 return
             session.rooms[room] = nick
@@ -349,7 +347,7 @@ class Handlers:
         except BrokerUnavailable:
             await self.refuse_unavailable(session)
             return
-        write(session, dialects.tutorial(
+        self.write(session, dialects.tutorial(
             "info", "server",
             f"Welcome, {nick}! {len(present)} present: {', '.join(present)}",
         ))
@@ -360,18 +358,18 @@ class Handlers:
                 continue
             message = None if isinstance(frame, bytes) else dialects.parse_tutorial(frame)
             if message is None or message.get("type") != "chat":
-                write(session, dialects.tutorial(
+                self.write(session, dialects.tutorial(
                     "error", "server", "expected {\"type\": \"chat\", \"text\": \"...\"}"))
                 continue
             text = message.get("text")
             if not isinstance(text, str):
-                write(session, dialects.tutorial("error", "server", "text must be a string"))
+                self.write(session, dialects.tutorial("error", "server", "text must be a string"))
                 continue
             text = text[: self.config.max_chat_length]
             try:
                 await self.publish(session, room, text)
             except BrokerUnavailable:
-                write(session, dialects.tutorial(
+                self.write(session, dialects.tutorial(
                     "error", "server", "unavailable: message not sent, retry later"))
 
 

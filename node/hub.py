@@ -19,6 +19,7 @@ from websockets.asyncio.server import broadcast
 
 from node.broker import Broker, BrokerUnavailable, Publication, now_us
 from node.closecodes import CloseCode
+from node.fanout import FrameWriter, raw_writable, text_frame
 
 if TYPE_CHECKING:
     from node.metrics import Metrics
@@ -62,6 +63,7 @@ class Hub:
         max_send_buffer: int = 1 << 20,
     ) -> None:
         self._max_send_buffer = max_send_buffer
+        self.writer = FrameWriter()
         self._broker = broker
         self._metrics = metrics
         self._linger = linger
@@ -203,12 +205,21 @@ class Hub:
                     self._cut_slow(session)
                     continue
                 targets.append(session.ws)
-            broadcast(targets, payload, text=True)
-            sent += len(targets)
+            sent += self.writer.send(targets, payload)
         self._metrics.messages_out.inc(sent)
         if publication.ts_us:
             self._metrics.fanout_latency.observe((now_us() - publication.ts_us) / 1e6)
 
+
+    def write(self, session: Session, payload: bytes) -> None:
+        """Send one envelope to one client now, after whatever fan-out is pending for it, so a
+        reply never overtakes a publication delivered before it. Does not yield."""
+        ws = session.ws
+        self.writer.flush_one(ws)
+        if raw_writable(ws):
+            ws.transport.write(text_frame(payload))
+        else:
+            broadcast((ws,), payload, text=True)
 
     def _cut_slow(self, session: Session) -> None:
         """A client that cannot keep up is closed with 1013, never waited for."""
