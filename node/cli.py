@@ -6,7 +6,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from node import client_cli
+from node import bench_cli, client_cli
 from node import cluster as cluster_cli
 from node import config as config_module
 
@@ -46,6 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     config_module.add_arguments(node)
     node.set_defaults(func=run_node)
     client_cli.register(sub)
+    bench_cli.register(sub)
     cluster_cli.register(sub)
     return parser
 

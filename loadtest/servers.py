@@ -1,0 +1,216 @@
+"""The servers under test, started as real processes on 127.0.0.1 and stopped by PID.
+
+A ``Deployment`` is what one bench run talks to: the URLs subscribers spread over, the URL the
+publisher uses, the PIDs whose CPU and memory are measured, and the PID that receives the idle
+connections of the memory measurement. Every start waits, bounded, for the port to answer.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+#: Flags every bench node gets: the publisher is not rate limited, nodes exit at once when
+#: stopped (no drain delay), and logs stay at warning (nothing per connection).
+NODE_FLAGS = (
+    "--rate-limit", "1000000", "--rate-burst", "1000000",
+    "--drain-delay", "0", "--drain-window", "0",
+    "--log-format", "json", "--log-level", "warning",
+)
+START_ATTEMPTS = 3
+
+
+class StartError(RuntimeError):
+    """A server did not come up; the message ends with the tail of its log."""
+
+
+@dataclass
+class ServerProcess:
+    name: str
+    role: str  # node, redis or reference
+    proc: subprocess.Popen[bytes]
+    port: int
+    log: Path
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+
+@dataclass
+class Deployment:
+    """The servers of one run and how clients reach them."""
+
+    target: str
+    native: bool  # roomcast's protocol (rooms, join) or the reference's (just connect)
+    subscriber_urls: list[str]
+    publish_url: str
+    processes: list[ServerProcess] = field(default_factory=list)
+    #: PIDs measured when the bench did not start the servers (--target url --pid ...).
+    external_pids: list[int] = field(default_factory=list)
+    #: The process that receives the idle connections of the memory measurement.
+    idle_pid: int | None = None
+
+    def measured(self) -> list[tuple[str, int]]:
+        """(name, pid) of every server process whose CPU and memory count."""
+        named = [(p.name, p.pid) for p in self.processes]
+        return named + [(f"pid-{pid}", pid) for pid in self.external_pids]
+
+    def stop(self) -> None:
+        """SIGTERM every process we started (nodes first, Redis last), SIGKILL after 10 s."""
+        for server in sorted(self.processes, key=lambda p: p.role == "redis"):
+            stop_process(server.proc)
+
+
+def stop_process(proc: subprocess.Popen[bytes], timeout: float = 10.0) -> None:
+    if proc.poll() is not None:
+        return
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(5)
+
+
+def free_port() -> int:
+    """A port the kernel just handed out on 127.0.0.1 (racy, hence the start retries)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def find_binary(name: str) -> str | None:
+    return shutil.which(name) or shutil.which(name, path="/usr/sbin:/sbin:/usr/local/sbin")
+
+
+def _answers(port: int, probe: bytes, expect: bytes) -> bool:
+    with contextlib.suppress(OSError), socket.create_connection(
+        ("127.0.0.1", port), timeout=0.5
+    ) as sock:
+        if not probe:
+            return True
+        sock.sendall(probe)
+        return sock.recv(64).startswith(expect)
+    return False
+
+
+def _spawn(
+    name: str, role: str, argv: list[str], port: int, logdir: Path,
+    probe: bytes, expect: bytes, timeout: float,
+) -> ServerProcess:
+    """Start ``argv`` with its output in ``logdir/name.log``; wait until ``probe`` is answered."""
+    log = logdir / f"{name}.log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            argv, stdout=out, stderr=subprocess.STDOUT,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise StartError(f"{name} exited with {proc.returncode}: {_tail(log)}")
+        if _answers(port, probe, expect):
+            return ServerProcess(name, role, proc, port, log)
+        time.sleep(0.05)
+    stop_process(proc)
+    raise StartError(f"{name} did not answer on port {port} within {timeout:.0f}s: {_tail(log)}")
+
+
+def _start(
+    name: str, role: str, argv_for: Callable[[int], list[str]], logdir: Path, probe: bytes,
+    expect: bytes, timeout: float,
+) -> ServerProcess:
+    """_spawn on a fresh free port, again on another one if the first was taken meanwhile."""
+    for attempt in range(START_ATTEMPTS):
+        port = free_port()
+        try:
+            return _spawn(name, role, argv_for(port), port, logdir, probe, expect, timeout)
+        except StartError:
+            if attempt == START_ATTEMPTS - 1:
+                raise
+    raise AssertionError("unreachable")
+
+
+def _tail(log: Path) -> str:
+    try:
+        return log.read_text(errors="replace")[-600:].strip() or "(no output)"
+    except OSError:
+        return "(no log)"
+
+
+READY_PROBE = b"GET /readyz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+
+
+def start_node(
+    index: int, logdir: Path, redis_url: str | None, extra: list[str], timeout: float,
+    prefix: str = "roomcast",
+) -> ServerProcess:
+    def argv(port: int) -> list[str]:
+        cmd = [sys.executable, "-m", "node", "--host", "127.0.0.1", "--port", str(port),
+               "--node-id", f"bench-node-{index}", *NODE_FLAGS]
+        if redis_url:
+            cmd += ["--redis-url", redis_url, "--redis-prefix", prefix]
+        return cmd + extra
+
+    return _start(f"node-{index}", "node", argv, logdir, READY_PROBE, b"HTTP/1.1 200", timeout)
+
+
+def start_redis(logdir: Path, timeout: float) -> ServerProcess:
+    binary = find_binary("redis-server")
+    if binary is None:
+        raise StartError("redis-server is not installed (apt-get install redis-server)")
+
+    def argv(port: int) -> list[str]:
+        return [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                "--appendonly", "no", "--protected-mode", "no", "--loglevel", "warning"]
+
+    return _start("redis", "redis", argv, logdir, b"PING\r\n", b"+PONG", timeout)
+
+
+def start_reference(logdir: Path, timeout: float) -> Deployment:
+    def argv(port: int) -> list[str]:
+        return [sys.executable, "-m", "loadtest.reference_server", "--port", str(port)]
+
+    server = _start("reference", "reference", argv, logdir, b"", b"", timeout)
+    url = f"ws://127.0.0.1:{server.port}/"
+    return Deployment("reference", False, [url], url, [server], idle_pid=server.pid)
+
+
+def start_roomcast(
+    nodes: int, logdir: Path, extra: list[str], timeout: float, cluster: bool
+) -> Deployment:
+    """One embedded node, or ``nodes`` nodes sharing a fresh redis-server (a unique prefix)."""
+    started: list[ServerProcess] = []
+    try:
+        redis_url = None
+        if cluster:
+            redis = start_redis(logdir, timeout)
+            started.append(redis)
+            redis_url = f"redis://127.0.0.1:{redis.port}/0"
+        prefix = f"bench-{secrets.token_hex(3)}"
+        for index in range(nodes if cluster else 1):
+            started.append(start_node(index, logdir, redis_url, extra, timeout, prefix))
+    except BaseException:
+        Deployment("", True, [], "", started).stop()
+        raise
+    node_procs = [p for p in started if p.role == "node"]
+    urls = [f"ws://127.0.0.1:{p.port}/ws" for p in node_procs]
+    target = "roomcast-cluster" if cluster else "roomcast-embedded"
+    return Deployment(target, True, urls, urls[0], started, idle_pid=node_procs[0].pid)
+
+
+def external(urls: list[str], native: bool, pids: list[int]) -> Deployment:
+    """Servers the bench did not start: measured only through the PIDs given."""
+    return Deployment("url", native, urls, urls[0], [], list(pids),
+                      idle_pid=pids[0] if pids else None)
