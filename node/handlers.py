@@ -90,7 +90,10 @@ class Handlers:
             await ws.close(CloseCode.INTERNAL_ERROR, "internal error")
         finally:
             await self.node.unregister(session)
-            code = ws.close_code
+            # The code this node sent when it closed (1008, 1009, 1012...), else the client's.
+            sent = ws.protocol.close_sent
+            node_closed = sent is not None and not ws.protocol.close_rcvd_then_sent
+            code = sent.code if sent is not None and node_closed else ws.close_code
             self.node.metrics.closes.labels(code=str(code)).inc()
             log.info("connection closed", code=code, reason=ws.close_reason)
             structlog.contextvars.clear_contextvars()

@@ -75,6 +75,8 @@ class RedisPresence:
         #: Removals that failed while Redis was unreachable, retried by the ticker.
         self._pending_removals: list[tuple[str, Member, int]] = []
         self._on_user_left: OnUserLeft | None = None
+        self._last_refresh = time.monotonic()
+        self._reap_after = 0.0
         self._task: asyncio.Task[None] | None = None
         self._closed = False
 
@@ -106,7 +108,15 @@ class RedisPresence:
             try:
                 await self._retry_removals()
                 await self._refresh_lease()
-                await self._reap_dead()
+                now = time.monotonic()
+                if now - self._last_refresh > self._lease_ms / 1000:
+                    # We could not refresh for a whole lease: Redis (or this process) stalled,
+                    # so every peer's lease may have lapsed too. Give them one lease to renew
+                    # before judging anyone dead, or live users would get a false user_left.
+                    self._reap_after = now + self._lease_ms / 1000
+                self._last_refresh = now
+                if now >= self._reap_after:
+                    await self._reap_dead()
                 await self._announce_due_leaves()
             except asyncio.CancelledError:
                 raise

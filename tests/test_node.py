@@ -127,6 +127,8 @@ async def test_oversized_frame_closes_with_1009(start_node: Callable[..., NodePr
     await big.send({"type": "publish", "room": "r", "data": "x" * 2000})
     assert await big.closed() == 1009
     assert (await other.request({"type": "ping", "id": 1}))["type"] == "pong"
+    await wait_for(lambda: b'roomcast_closes_total{code="1009"} 1.0' in http_get(
+        f"{node.http}/metrics")[1], timeout=10, what="the 1009 close counted as sent")
 
 
 async def test_rate_limit_then_flood_close(start_node: Callable[..., NodeProcess]) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 import urllib.request
@@ -200,3 +201,36 @@ async def test_presence_survives_redis_losing_its_data(
 
     await wait_for(settled, timeout=15, interval=0.3, what="presence re-registered")
     assert get(b, "/api/rooms/r/members")["count"] == 1
+
+
+async def test_redis_stall_longer_than_the_lease_reaps_no_live_node(
+    redis_server: RedisServer, start_node: Callable[..., NodeProcess]
+) -> None:
+    """Redis frozen (SIGSTOP) for longer than the node lease: once it answers again, no live
+    node is reaped and nobody gets a false user_left."""
+    import signal
+
+    flags = ("--node-lease-ttl", "2", "--presence-grace", "0.5")
+    a, b = start_node(redis_server.url, *flags), start_node(redis_server.url, *flags)
+    watcher, other = await native(a, "watcher"), await native(b, "other")
+    await watcher.request({"type": "join", "room": "r", "id": 1})
+    await other.request({"type": "join", "room": "r", "id": 1})
+    assert redis_server.proc is not None
+    redis_server.proc.send_signal(signal.SIGSTOP)
+    try:
+        # Longer than the lease (2 s) and the command timeout (5 s): refreshes fail, not wait.
+        deadline = time.monotonic() + 7
+        while time.monotonic() < deadline:
+            with contextlib.suppress(TimeoutError):
+                await watcher.recv(timeout=deadline - time.monotonic())
+    finally:
+        redis_server.proc.send_signal(signal.SIGCONT)
+    # Watch through several lease periods after Redis is back.
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        with contextlib.suppress(TimeoutError):
+            event = await watcher.recv(timeout=deadline - time.monotonic())
+            assert event["type"] != "user_left", event
+    assert not a.logged("reaped dead node") and not b.logged("reaped dead node")
+    reply = await watcher.request({"type": "presence", "room": "r", "id": 2})
+    assert reply["count"] == 2
