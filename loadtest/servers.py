@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import os
 import secrets
-import shutil
 import signal
 import socket
 import subprocess
@@ -19,6 +18,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from node.procs import find_binary, free_port
 
 #: Flags every bench node gets: the publisher is not rate limited, nodes exit at once when
 #: stopped (no drain delay), and logs stay at warning (nothing per connection).
@@ -81,17 +82,6 @@ def stop_process(proc: subprocess.Popen[bytes], timeout: float = 10.0) -> None:
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait(5)
-
-
-def free_port() -> int:
-    """A port the kernel just handed out on 127.0.0.1 (racy, hence the start retries)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def find_binary(name: str) -> str | None:
-    return shutil.which(name) or shutil.which(name, path="/usr/sbin:/sbin:/usr/local/sbin")
 
 
 def _answers(port: int, probe: bytes, expect: bytes) -> bool:

@@ -19,7 +19,6 @@ import resource
 import secrets
 import shutil
 import signal
-import socket
 import string
 import subprocess
 import tempfile
@@ -29,8 +28,9 @@ import urllib.request
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
+from node.procs import find_binary, free_port
+
 TEMPLATE = Path(__file__).resolve().parent.parent / "balancer" / "nginx.conf.template"
-SBIN_PATH = "/usr/sbin:/sbin:/usr/local/sbin"
 PROXY_TIMEOUT = "75s"  # Longer than the nodes' 20 s ping interval.
 WORKER_CONNECTIONS = 4096  # Two per proxied WebSocket: one to the client, one to the node.
 PORT_ATTEMPTS = 3  # Ephemeral ports are picked before nginx binds them: retry a lost race.
@@ -49,17 +49,10 @@ class _Template(string.Template):
 
 def find_nginx() -> str:
     """The nginx binary: on PATH, or in an sbin directory a user's PATH may lack."""
-    found = shutil.which("nginx") or shutil.which("nginx", path=SBIN_PATH)
+    found = find_binary("nginx")
     if found is None:
         raise BalancerError("nginx is not installed (Debian/Ubuntu: apt-get install nginx-light)")
     return found
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    """A port the kernel just handed out (closed again, so another process may take it)."""
-    with socket.socket() as sock:
-        sock.bind((host, 0))
-        return int(sock.getsockname()[1])
 
 
 def _path(value: str | os.PathLike[str]) -> str:

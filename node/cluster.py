@@ -15,7 +15,6 @@ import argparse
 import contextlib
 import json
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -30,7 +29,8 @@ from pathlib import Path
 from typing import Any
 
 from node import config as config_module
-from node.balancer import Balancer, BalancerError, ensure_dev_certificate, free_port, stop_process
+from node.balancer import Balancer, BalancerError, ensure_dev_certificate, stop_process
+from node.procs import find_binary, free_port
 
 STATE_FILE = "state.json"
 # Drain settings for local use (a production node waits 5 s, then closes over 10 s).
@@ -348,8 +348,7 @@ class LocalCluster:
         time.sleep(seconds)
 
     def _start_redis(self) -> None:
-        binary = shutil.which("redis-server") or shutil.which(
-            "redis-server", path="/usr/sbin:/sbin:/usr/local/sbin")
+        binary = find_binary("redis-server")
         if binary is None:
             raise ClusterError("redis-server is not installed (Debian/Ubuntu: apt-get install "
                                "redis-server)")

@@ -10,7 +10,6 @@ import collections
 import contextlib
 import json
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -23,19 +22,9 @@ from typing import Any
 
 from websockets.asyncio.client import ClientConnection, connect
 
+from node.procs import find_binary, free_port
+
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def free_port() -> int:
-    """A port the kernel just handed out on 127.0.0.1 (closed again, so racy but rarely)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def find_binary(name: str) -> str | None:
-    """A system binary, also looked up in sbin directories that a user's PATH may lack."""
-    return shutil.which(name) or shutil.which(name, path="/usr/sbin:/sbin:/usr/local/sbin")
 
 
 async def wait_for(
