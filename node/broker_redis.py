@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import random
+from collections.abc import Callable, Coroutine
 from importlib import resources
-from typing import Any
+from typing import Any, ParamSpec, TypeVar
 
 import redis.asyncio as aioredis
 import structlog
@@ -32,13 +34,32 @@ from node.broker import (
     recovery_result,
 )
 from node.keys import Keys
-from node.protocol import Since
+from node.protocol import Since, finish_message
 
 log = structlog.get_logger("roomcast.broker")
 
 SUBSCRIBE_TIMEOUT = 5.0
 BACKOFF_BASE = 0.1
 BACKOFF_CAP = 5.0
+
+
+P = ParamSpec("P")
+T = TypeVar("T")
+
+
+def unavailable_on_redis_error(
+    method: Callable[P, Coroutine[Any, Any, T]],
+) -> Callable[P, Coroutine[Any, Any, T]]:
+    """Turn Redis connection failures into BrokerUnavailable: clients get 'unavailable'."""
+
+    @functools.wraps(method)
+    async def wrapper(*args: P.args, **kwargs: P.kwargs) -> T:
+        try:
+            return await method(*args, **kwargs)
+        except (RedisError, OSError) as exc:
+            raise BrokerUnavailable("redis is unavailable") from exc
+
+    return wrapper
 
 
 def load_script(name: str) -> str:
@@ -126,6 +147,7 @@ class RedisBroker:
 
     # --- subscriptions ----------------------------------------------------------------------
 
+    @unavailable_on_redis_error
     async def subscribe(self, room: str) -> None:
         self._rooms.add(room)
         if not self._connected.is_set() or self._pubsub is None:
@@ -136,10 +158,7 @@ class RedisBroker:
         waiter = self._pending.get(channel)
         if waiter is None or waiter.done():
             waiter = self._pending[channel] = asyncio.get_running_loop().create_future()
-            try:
-                await self._pubsub.subscribe(channel)
-            except (RedisError, OSError) as exc:
-                raise BrokerUnavailable("redis is unavailable") from exc
+            await self._pubsub.subscribe(channel)
         try:
             await asyncio.wait_for(asyncio.shield(waiter), SUBSCRIBE_TIMEOUT)
         except TimeoutError:
@@ -205,43 +224,37 @@ class RedisBroker:
 
     # --- publishing and history --------------------------------------------------------------
 
+    @unavailable_on_redis_error
     async def publish(self, room: str, prefix: bytes, origin: str) -> Publication:
         if not self._connected.is_set():
             raise BrokerUnavailable("redis is unavailable")
-        try:
-            offset, epoch = await self._publish_script(
-                keys=[self._keys.meta(room), self._keys.stream(room)],
-                args=[
-                    self._keys.channel(room), prefix, origin, self._history_size,
-                    self._history_ttl_ms, new_epoch(), now_us(),
-                ],
-            )
-        except (RedisError, OSError) as exc:
-            raise BrokerUnavailable("redis is unavailable") from exc
-        epoch = epoch.decode()
-        payload = prefix + b',"offset":%d,"epoch":"%s"}' % (offset, epoch.encode())
-        return Publication(room, payload, int(offset), epoch, origin)
+        offset, epoch = await self._publish_script(
+            keys=[self._keys.meta(room), self._keys.stream(room)],
+            args=[
+                self._keys.channel(room), prefix, origin, self._history_size,
+                self._history_ttl_ms, new_epoch(), now_us(),
+            ],
+        )
+        epoch = as_str(epoch)
+        return Publication(room, finish_message(prefix, int(offset), epoch), int(offset), epoch,
+                           origin)
 
+    @unavailable_on_redis_error
     async def publish_event(self, room: str, payload: bytes, origin: str = "") -> None:
         if not self._connected.is_set():
             raise BrokerUnavailable("redis is unavailable")
-        try:
-            await self._redis.publish(self._keys.channel(room), event_frame(payload, origin))
-        except (RedisError, OSError) as exc:
-            raise BrokerUnavailable("redis is unavailable") from exc
+        await self._redis.publish(self._keys.channel(room), event_frame(payload, origin))
 
+    @unavailable_on_redis_error
     async def history(
         self, room: str, since: Since | None = None, limit: int | None = None
     ) -> HistoryResult:
         start = "-" if since is None else str(since.offset + 1)
-        try:
-            reply = await self._history_script(
-                keys=[self._keys.meta(room), self._keys.stream(room)],
-                args=[start, limit or 0],
-            )
-        except (RedisError, OSError) as exc:
-            raise BrokerUnavailable("redis is unavailable") from exc
-        offset, epoch, first_offset = int(reply[0]), reply[1].decode(), int(reply[2])
+        reply = await self._history_script(
+            keys=[self._keys.meta(room), self._keys.stream(room)],
+            args=[start, limit or 0],
+        )
+        offset, epoch, first_offset = int(reply[0]), as_str(reply[1]), int(reply[2])
         if not epoch:
             # The room has never been published to (or its history was lost): give it an epoch
             # now so that a client can recover from this position later.
@@ -249,11 +262,8 @@ class RedisBroker:
         return recovery_result(offset, epoch, first_offset, list(reply[3:]), since)
 
     async def _ensure_epoch(self, room: str) -> str:
-        try:
-            await self._redis.hsetnx(self._keys.meta(room), "epoch", new_epoch())
-            if self._history_ttl_ms:
-                await self._redis.pexpire(self._keys.meta(room), self._history_ttl_ms)
-            epoch = await self._redis.hget(self._keys.meta(room), "epoch")
-        except (RedisError, OSError) as exc:
-            raise BrokerUnavailable("redis is unavailable") from exc
+        await self._redis.hsetnx(self._keys.meta(room), "epoch", new_epoch())
+        if self._history_ttl_ms:
+            await self._redis.pexpire(self._keys.meta(room), self._history_ttl_ms)
+        epoch = await self._redis.hget(self._keys.meta(room), "epoch")
         return as_str(epoch) if epoch else ""

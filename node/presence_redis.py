@@ -12,43 +12,21 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import time
-from collections.abc import Callable, Coroutine
-from typing import Any, ParamSpec, TypeVar
+from typing import Any
 
 import orjson
 import redis.asyncio as aioredis
 import structlog
 from redis.exceptions import RedisError
 
-from node.broker import BrokerUnavailable
-from node.broker_redis import as_str, load_script
+from node.broker_redis import as_str, load_script, unavailable_on_redis_error
 from node.keys import Keys
 from node.presence import Member, OnUserLeft, nick_key
 
 log = structlog.get_logger("roomcast.presence")
 
 TICK = 1.0  # Seconds between lease refreshes / reaps.
-
-
-P = ParamSpec("P")
-T = TypeVar("T")
-
-
-def unavailable_on_redis_error(
-    method: Callable[P, Coroutine[Any, Any, T]],
-) -> Callable[P, Coroutine[Any, Any, T]]:
-    """Turn Redis connection failures into BrokerUnavailable: clients get 'unavailable'."""
-
-    @functools.wraps(method)
-    async def wrapper(*args: P.args, **kwargs: P.kwargs) -> T:
-        try:
-            return await method(*args, **kwargs)
-        except (RedisError, OSError) as exc:
-            raise BrokerUnavailable("redis is unavailable") from exc
-
-    return wrapper
 
 
 def ms() -> int:
