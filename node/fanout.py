@@ -72,14 +72,22 @@ class FrameWriter:
                     queue.append(frame)
                 reached += 1
             elif ws.protocol.state is OPEN:
-                self.flush_one(ws)
-                ws.protocol.send_text(payload)
-                ws.send_data()
+                self.write_now(ws, payload)
                 reached += 1
         if pending and not self._scheduled:
             self._scheduled = True
             asyncio.get_running_loop().call_soon(self.flush)
         return reached
+
+    def write_now(self, ws: ServerConnection, payload: bytes) -> None:
+        """Write ``payload`` to one connection at once, after what is pending for it, so a
+        reply never overtakes a publication queued before it. Does not yield."""
+        self.flush_one(ws)
+        if raw_writable(ws):
+            ws.transport.write(text_frame(payload))
+        elif ws.protocol.state is OPEN and ws.send_in_progress is None:
+            ws.protocol.send_text(payload)  # Through the extension (compression).
+            ws.send_data()
 
     def flush_one(self, ws: ServerConnection) -> None:
         """Write what is pending for ``ws`` now (before a reply, to keep the order)."""

@@ -2,7 +2,7 @@
 
 The hub holds a broker subscription for every room with at least one local member (reference
 counted: subscribed on the first member, unsubscribed after a short linger once the room is empty).
-A publication is delivered to each dialect's members with one ``broadcast()`` of one byte string:
+A publication is delivered to each dialect's members as one pre-built frame (node/fanout.py):
 never an ``await send()`` per member, and never an encode per member.
 """
 
@@ -15,11 +15,10 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 import structlog
-from websockets.asyncio.server import broadcast
 
 from node.broker import Broker, BrokerUnavailable, Publication, now_us
 from node.closecodes import CloseCode
-from node.fanout import FrameWriter, raw_writable, text_frame
+from node.fanout import FrameWriter
 
 if TYPE_CHECKING:
     from node.metrics import Metrics
@@ -210,16 +209,9 @@ class Hub:
         if publication.ts_us:
             self._metrics.fanout_latency.observe((now_us() - publication.ts_us) / 1e6)
 
-
     def write(self, session: Session, payload: bytes) -> None:
-        """Send one envelope to one client now, after whatever fan-out is pending for it, so a
-        reply never overtakes a publication delivered before it. Does not yield."""
-        ws = session.ws
-        self.writer.flush_one(ws)
-        if raw_writable(ws):
-            ws.transport.write(text_frame(payload))
-        else:
-            broadcast((ws,), payload, text=True)
+        """Send one envelope to one client now, in order with its fan-out (FrameWriter)."""
+        self.writer.write_now(session.ws, payload)
 
     def _cut_slow(self, session: Session) -> None:
         """A client that cannot keep up is closed with 1013, never waited for."""
