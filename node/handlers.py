@@ -8,6 +8,7 @@ fan-out therefore reach a client in exactly the order the node produced them.
 from __future__ import annotations
 
 import time
+from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs, urlsplit
 
@@ -100,7 +101,7 @@ class Handlers:
 
     # --- shared steps ------------------------------------------------------------------------
 
-    async def admit(self, session: Session, frame: str | bytes = b"") -> bool:
+    async def admit(self, session: Session, frame: str | bytes) -> bool:
         """Charge one message to the rate limit; answer a refusal, close a flooder with 1008."""
         limiter = session.limiter
         if limiter.allow():
@@ -120,6 +121,14 @@ class Handlers:
         else:
             self.dialect_error(session, f"rate limited; retry after {retry} ms")
         return False
+
+    async def admitted(self, session: Session) -> AsyncIterator[str | bytes]:
+        """The client's frames that pass the rate limit; ends once a flooder has been closed."""
+        async for frame in session.ws:
+            if await self.admit(session, frame):
+                yield frame
+            elif session.ws.close_code is not None:
+                return
 
     def dialect_error(self, session: Session, text: str) -> None:
         """An error in the shape the session's compatibility dialect uses."""
@@ -172,11 +181,7 @@ class Handlers:
 
     async def native(self, session: Session) -> None:
         self.write(session, protocol.welcome(session.conn_id, self.node.node_id))
-        async for frame in session.ws:
-            if not await self.admit(session, frame):
-                if session.ws.close_code is not None:
-                    return
-                continue
+        async for frame in self.admitted(session):
             try:
                 request = protocol.parse_request(frame)
                 self.node.metrics.messages_in.labels(type=type(request).__name__.lower()).inc()
@@ -293,11 +298,7 @@ class Handlers:
             ))
         user_ids = list(dict.fromkeys(m.user_id for m in members))
         self.write(session, dialects.fastapi_members(user_ids))
-        async for frame in session.ws:
-            if not await self.admit(session):
-                if session.ws.close_code is not None:
-                    return
-                continue
+        async for frame in self.admitted(session):
             if isinstance(frame, bytes):
                 self.dialect_error(session, "binary frames are not accepted; send text")
                 continue
@@ -354,11 +355,7 @@ class Handlers:
             "info", "server",
             f"Welcome, {nick}! {len(present)} present: {', '.join(present)}",
         ))
-        async for frame in session.ws:
-            if not await self.admit(session):
-                if session.ws.close_code is not None:
-                    return
-                continue
+        async for frame in self.admitted(session):
             message = None if isinstance(frame, bytes) else dialects.parse_tutorial(frame)
             if message is None or message.get("type") != "chat":
                 self.write(session, dialects.tutorial(

@@ -21,7 +21,7 @@ from node.broker import Broker, MemoryBroker
 from node.closecodes import CloseCode
 from node.config import Config
 from node.drain import close_now, close_paced
-from node.handlers import Handlers
+from node.handlers import Handlers, now_ms
 from node.http import HttpRoutes
 from node.hub import Hub
 from node.keys import Keys
@@ -122,8 +122,6 @@ class Node:
 
     async def user_left(self, room: str, user_id: str, username: str) -> None:
         """Presence decided the user is gone: tell the room on every node."""
-        from node.handlers import now_ms
-
         try:
             await self.broker.publish_event(
                 room, event("user_left", room, user_id=user_id, username=username, ts=now_ms())
