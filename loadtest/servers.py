@@ -19,7 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from node.procs import find_binary, free_port
+from roomcast.tools.procs import find_binary, free_port
 
 #: Flags every bench node gets: the publisher is not rate limited, nodes exit at once when
 #: stopped (no drain delay), and logs stay at warning (nothing per connection).
@@ -147,7 +147,7 @@ def start_node(
     prefix: str = "roomcast",
 ) -> ServerProcess:
     def argv(port: int) -> list[str]:
-        cmd = [sys.executable, "-m", "node", "--host", "127.0.0.1", "--port", str(port),
+        cmd = [sys.executable, "-m", "roomcast", "node", "--host", "127.0.0.1", "--port", str(port),
                "--node-id", f"bench-node-{index}", *NODE_FLAGS]
         if redis_url:
             cmd += ["--redis-url", redis_url, "--redis-prefix", prefix]

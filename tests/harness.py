@@ -22,7 +22,7 @@ from typing import Any
 
 from websockets.asyncio.client import ClientConnection, connect
 
-from node.procs import find_binary, free_port
+from roomcast.tools.procs import find_binary, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -106,7 +106,7 @@ class NodeProcess:
         self._started = threading.Event()
 
     def command(self) -> list[str]:
-        cmd = [sys.executable, "-m", "node", "--host", "127.0.0.1", "--port", "0",
+        cmd = [sys.executable, "-m", "roomcast", "node", "--host", "127.0.0.1", "--port", "0",
                "--log-format", "json", "--log-level", "info", *self.args]
         if self.redis_url:
             cmd += ["--redis-url", self.redis_url]

@@ -20,15 +20,21 @@ from typing import Any
 
 import pytest
 
-from node.balancer import BalancerError, check_config, ensure_dev_certificate, find_nginx, render
-from node.cli import build_parser
-from node.cluster import LocalCluster
+from roomcast.cli import build_parser
+from roomcast.tools.balancer import (
+    BalancerError,
+    check_config,
+    ensure_dev_certificate,
+    find_nginx,
+    render,
+)
+from roomcast.tools.cluster import LocalCluster
 from tests.harness import Client, NodeProcess, wait_for
 
 # The installed entry point; without one, the same main() through the interpreter.
 _SCRIPT = Path(sys.executable).with_name("roomcast")
 ROOMCAST = [str(_SCRIPT)] if _SCRIPT.exists() else [
-    sys.executable, "-c", "from node.cli import main; main()"]
+    sys.executable, "-c", "from roomcast.cli import main; main()"]
 FAST = ["--rate-burst", "500", "--presence-grace", "0.5"]
 
 

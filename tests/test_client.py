@@ -15,8 +15,9 @@ from typing import Any
 import pytest
 from websockets.asyncio.server import ServerConnection, serve
 
-from node.cli import build_parser
-from node.client import (
+from roomcast.cli import build_parser
+from roomcast.protocol.envelopes import Since
+from roomcast.tools.client import (
     Client,
     ClientClosed,
     RateLimited,
@@ -25,7 +26,6 @@ from node.client import (
     native_url,
     retry_delay,
 )
-from node.protocol import Since
 from tests.harness import NodeProcess, RedisServer, free_port, wait_for
 
 ROOMCAST = shutil.which("roomcast", path=str(Path(sys.executable).parent)) or "roomcast"

@@ -12,7 +12,7 @@ from collections.abc import Callable
 import pytest
 from websockets.exceptions import InvalidStatus
 
-from node.drain import batch_plan
+from roomcast.transports.drain import batch_plan
 from tests.harness import Client, NodeProcess, RedisServer, native, wait_for
 
 

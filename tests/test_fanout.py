@@ -16,7 +16,7 @@ from websockets.frames import Frame, Opcode
 from websockets.protocol import CLOSED, CLOSING
 from websockets.streams import StreamReader
 
-from node.fanout import FrameWriter, text_frame
+from roomcast.transports.writer import FrameWriter, text_frame
 
 
 def parse(data: bytes) -> tuple[Frame, bytes]:

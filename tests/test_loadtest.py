@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from loadtest import report, wire
-from node.cli import build_parser
+from roomcast.cli import build_parser
 from tests.harness import ROOT, NodeProcess
 
 # --- sans-I/O -----------------------------------------------------------------------------------

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from node.client import Client, ClientError
-from node.cluster import LocalCluster
+from roomcast.tools.client import Client, ClientError
+from roomcast.tools.cluster import LocalCluster
 
 ROOMS = ("alpha", "beta", "gamma")
 SUBSCRIBERS = 300

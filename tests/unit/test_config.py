@@ -7,7 +7,7 @@ import dataclasses
 
 import pytest
 
-from node.config import Config, add_arguments, load_config, markdown_table
+from roomcast.config import Config, add_arguments, load_config, markdown_table
 
 
 def flags(*argv: str) -> argparse.Namespace:

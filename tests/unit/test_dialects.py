@@ -9,8 +9,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from node import dialects, protocol
-from node.dialects import Ping, Say, Typing, Unknown
+from roomcast.protocol import dialects
+from roomcast.protocol import envelopes as protocol
+from roomcast.protocol.dialects import Ping, Say, Typing, Unknown
 
 FUZZ = settings(database=None, deadline=None, max_examples=200)
 

@@ -7,7 +7,7 @@ import re
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from node.keys import Keys
+from roomcast.backends.keys import Keys
 
 FUZZ = settings(database=None, deadline=None, max_examples=200)
 room_names = st.text(

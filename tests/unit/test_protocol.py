@@ -9,8 +9,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from node import protocol
-from node.protocol import (
+from roomcast.protocol import envelopes as protocol
+from roomcast.protocol.envelopes import (
     MAX_HISTORY_LIMIT,
     ErrorCode,
     History,

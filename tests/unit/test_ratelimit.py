@@ -5,7 +5,7 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from node.ratelimit import TokenBucket
+from roomcast.service.ratelimit import TokenBucket
 
 
 class FakeClock:

@@ -1,0 +1,134 @@
+"""The history seam: each room's offsets, epoch and newest stored messages, for replay.
+
+Every stored message of a room gets the next offset (1, 2, 3, ...) within the room's epoch; an
+epoch is a random label that changes whenever the room's history is lost or expires, so that a
+client position ``{offset, epoch}`` from before can never be continued by mistake. The broker
+assigns offsets as it publishes (``MemoryHistory.append`` here, lua/publish.lua in Redis);
+``History.read`` is what a node asks for replay and recovery. ``RedisHistory``
+(history_redis.py) reads the same layout from Redis streams.
+"""
+
+from __future__ import annotations
+
+import collections
+import secrets
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from roomcast.clock import Clock, monotonic
+from roomcast.protocol.envelopes import Since, finish_message
+
+
+@dataclass(frozen=True, slots=True)
+class HistoryResult:
+    """A room's position (last offset, epoch) and the stored envelopes asked for.
+
+    ``recovered`` is False when a ``since`` position could not be continued without a gap: its
+    epoch is not the room's, or messages after it were already trimmed or expired. ``messages``
+    is then empty.
+    """
+
+    offset: int
+    epoch: str
+    messages: list[bytes] = field(default_factory=list)
+    recovered: bool = True
+
+
+class History(Protocol):
+    """What a node reads of a room's stored messages."""
+
+    async def read(
+        self, room: str, since: Since | None = None, limit: int | None = None
+    ) -> HistoryResult:
+        """Stored messages after ``since`` (the oldest ``limit`` of them), or without ``since``
+        the newest ``limit`` (all kept when None), oldest first, with the room's position.
+
+        A room never published to has offset 0 and an epoch, so that a position read now can be
+        continued later. Raises BrokerUnavailable when the store is unreachable.
+        """
+
+
+def new_epoch() -> str:
+    """A short random epoch label (hex: safe to splice into JSON unescaped)."""
+    return secrets.token_hex(4)
+
+
+def recovery_result(
+    offset: int, epoch: str, first_offset: int, messages: list[bytes], since: Since | None
+) -> HistoryResult:
+    """Decide whether ``since`` can be continued, given what the room still stores.
+
+    ``first_offset`` is the oldest stored offset (0 when nothing is stored).
+    """
+    if since is None:
+        return HistoryResult(offset, epoch, messages)
+    if since.offset == offset and since.epoch == epoch:
+        return HistoryResult(offset, epoch, [])
+    continuous = (
+        since.epoch == epoch
+        and since.offset < offset
+        and first_offset != 0
+        and first_offset <= since.offset + 1
+    )
+    return HistoryResult(offset, epoch, messages if continuous else [], continuous)
+
+
+class _Room:
+    __slots__ = ("epoch", "last_publish", "offset", "stored")
+
+    def __init__(self, size: int, now: float) -> None:
+        self.offset = 0
+        self.epoch = new_epoch()
+        self.stored: collections.deque[tuple[int, bytes]] = collections.deque(maxlen=size)
+        self.last_publish = now
+
+
+class MemoryHistory:
+    """History inside one process: the embedded default.
+
+    ``ttl`` seconds after a room's last publication its history is gone and it gets a new epoch
+    (0 = never). ``clock`` is injectable so that tests can move time.
+    """
+
+    def __init__(
+        self, size: int = 100, ttl: float = 86400.0, clock: Clock = monotonic
+    ) -> None:
+        self._size = size
+        self._ttl = ttl
+        self._clock = clock
+        self._rooms: dict[str, _Room] = {}
+
+    def _room(self, room: str) -> _Room:
+        now = self._clock()
+        state = self._rooms.get(room)
+        if state is None or (self._ttl > 0 and now - state.last_publish > self._ttl):
+            # A new room, or one whose history expired: a new epoch tells clients so.
+            state = self._rooms[room] = _Room(self._size, now)
+        return state
+
+    def append(self, room: str, prefix: bytes) -> tuple[int, str, bytes]:
+        """Give the next message of ``room`` its offset and store it; returns (offset, epoch,
+        the finished envelope). What lua/publish.lua does in Redis."""
+        state = self._room(room)
+        state.offset += 1
+        state.last_publish = self._clock()
+        payload = finish_message(prefix, state.offset, state.epoch)
+        if self._size > 0:
+            state.stored.append((state.offset, payload))
+        return state.offset, state.epoch, payload
+
+    async def read(
+        self, room: str, since: Since | None = None, limit: int | None = None
+    ) -> HistoryResult:
+        state = self._room(room)
+        stored = list(state.stored)
+        first = stored[0][0] if stored else 0
+        if since is None:
+            picked = stored[-limit:] if limit else stored
+        else:
+            picked = [entry for entry in stored if entry[0] > since.offset]
+            if limit:
+                picked = picked[:limit]
+        return recovery_result(
+            state.offset, state.epoch, first, [payload for _, payload in picked], since
+        )

@@ -1,0 +1,48 @@
+"""RedisHistory: a room's offsets and stored messages in Redis (layout in keys.py).
+
+Per room a meta hash (``offset``, ``epoch``) and a stream whose entry IDs are ``<offset>-0``,
+both written by lua/publish.lua as it publishes. Reading runs lua/history.lua, which takes the
+position and the entries in one consistent snapshot.
+"""
+
+from __future__ import annotations
+
+import redis.asyncio as aioredis
+
+from roomcast.backends.history import HistoryResult, new_epoch, recovery_result
+from roomcast.backends.keys import Keys
+from roomcast.backends.redis_common import as_str, load_script, unavailable_on_redis_error
+from roomcast.protocol.envelopes import Since
+
+
+class RedisHistory:
+    def __init__(self, redis: aioredis.Redis, keys: Keys, ttl: float = 86400.0) -> None:
+        self._redis = redis
+        self._keys = keys
+        self._ttl_ms = int(ttl * 1000)
+        self._script = redis.register_script(load_script("history"))
+
+    @unavailable_on_redis_error
+    async def read(
+        self, room: str, since: Since | None = None, limit: int | None = None
+    ) -> HistoryResult:
+        start = "-" if since is None else str(since.offset + 1)
+        reply = await self._script(
+            keys=[self._keys.meta(room), self._keys.stream(room)], args=[start, limit or 0],
+        )
+        offset, epoch, first_offset = int(reply[0]), as_str(reply[1]), int(reply[2])
+        if not epoch:
+            # The room has never been published to (or its history was lost): give it an epoch
+            # now so that a client can recover from this position later.
+            epoch = await self._ensure_epoch(room)
+        return recovery_result(offset, epoch, first_offset, list(reply[3:]), since)
+
+    async def _ensure_epoch(self, room: str) -> str:
+        meta = self._keys.meta(room)
+        async with self._redis.pipeline(transaction=True) as pipe:
+            pipe.hsetnx(meta, "epoch", new_epoch())
+            if self._ttl_ms:
+                pipe.pexpire(meta, self._ttl_ms)
+            pipe.hget(meta, "epoch")
+            replies = await pipe.execute()
+        return as_str(replies[-1]) if replies[-1] else ""

@@ -1,0 +1,153 @@
+"""The presence seam: who is in each room, across the cluster; user_joined/user_left decisions.
+
+Presence is per connection (a user with two tabs has two entries) but events are per user: a user
+"joins" a room when their first connection enters it and "leaves" once they have had none for the
+grace window, so a reconnect within the window causes no user_left/user_joined flap.
+``MemoryPresence`` (here) serves a lone node; ``RedisPresence`` (presence_redis.py) a cluster.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from dataclasses import asdict, dataclass
+from typing import Any, Protocol
+
+
+@dataclass(frozen=True, slots=True)
+class Member:
+    """One connection's presence in one room."""
+
+    user_id: str
+    username: str
+    node_id: str
+    conn_id: str
+    joined_at: int  # unix milliseconds, like every ts
+    nick: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        body = asdict(self)
+        if self.nick is None:
+            del body["nick"]
+        return body
+
+
+#: Called with (room, user_id, username) once a user has been gone for the grace window.
+OnUserLeft = Callable[[str, str, str], Awaitable[None]]
+
+
+class PresenceStore(Protocol):
+    async def start(self, on_user_left: OnUserLeft) -> None:
+        """Begin background work (leases, reaping); user_left decisions go to the callback."""
+
+    async def close(self) -> None:
+        """Remove this node's entries at once (a clean shutdown) and stop. Idempotent."""
+
+    async def add(self, room: str, member: Member) -> bool:
+        """Record the connection; True when its user was not present (send user_joined)."""
+
+    async def remove(self, room: str, member: Member) -> None:
+        """Drop the connection; its user leaves after the grace window if no other remains."""
+
+    async def members(self, room: str) -> list[Member]:
+        """Every live connection in the room, cluster-wide, oldest first."""
+
+    async def claim_nick(self, room: str, nick: str, member: Member) -> bool:
+        """Reserve ``nick`` in the room for this connection; False when another holds it."""
+
+    async def stats(self) -> dict[str, Any]:
+        """``nodes`` {node_id: {connections}} and ``rooms`` {room: distinct users}."""
+
+    def set_connection_count(self, count: int) -> None:
+        """This node's open connection count, reported in stats."""
+
+
+def nick_key(nick: str) -> str:
+    """Nicknames compare case-insensitively (lower(), as lua/reap_node.lua does)."""
+    return nick.lower()
+
+
+class MemoryPresence:
+    """Presence of a lone node."""
+
+    def __init__(self, node_id: str, grace: float) -> None:
+        self._node_id = node_id
+        self._grace = grace
+        self._rooms: dict[str, dict[str, Member]] = {}
+        self._nicks: dict[str, dict[str, tuple[str, str]]] = {}  # nick -> (conn_id, user_id)
+        self._leaving: dict[tuple[str, str], asyncio.TimerHandle] = {}
+        self._on_user_left: OnUserLeft | None = None
+        self._connections = 0
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def start(self, on_user_left: OnUserLeft) -> None:
+        self._on_user_left = on_user_left
+
+    async def close(self) -> None:
+        for timer in self._leaving.values():
+            timer.cancel()
+        self._leaving.clear()
+        self._rooms.clear()
+        self._nicks.clear()
+
+    def _present(self, room: str, user_id: str) -> bool:
+        return any(m.user_id == user_id for m in self._rooms.get(room, {}).values())
+
+    async def add(self, room: str, member: Member) -> bool:
+        returning = self._leaving.pop((room, member.user_id), None)
+        if returning is not None:
+            returning.cancel()
+        was_present = returning is not None or self._present(room, member.user_id)
+        self._rooms.setdefault(room, {})[member.conn_id] = member
+        return not was_present
+
+    async def remove(self, room: str, member: Member) -> None:
+        if member.nick is not None:
+            nicks = self._nicks.get(room, {})
+            holder = nicks.get(nick_key(member.nick))
+            if holder is not None and holder[0] == member.conn_id:
+                del nicks[nick_key(member.nick)]
+        entries = self._rooms.get(room, {})
+        if entries.pop(member.conn_id, None) is None:
+            return
+        if not entries:
+            self._rooms.pop(room, None)
+        if self._present(room, member.user_id) or (room, member.user_id) in self._leaving:
+            return
+        loop = asyncio.get_running_loop()
+        self._leaving[(room, member.user_id)] = loop.call_later(
+            self._grace, self._left, room, member.user_id, member.username
+        )
+
+    def _left(self, room: str, user_id: str, username: str) -> None:
+        self._leaving.pop((room, user_id), None)
+        if self._present(room, user_id) or self._on_user_left is None:
+            return
+        task = asyncio.ensure_future(self._on_user_left(room, user_id, username))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def members(self, room: str) -> list[Member]:
+        return sorted(self._rooms.get(room, {}).values(), key=lambda m: m.joined_at)
+
+    async def claim_nick(self, room: str, nick: str, member: Member) -> bool:
+        holders = self._nicks.setdefault(room, {})
+        holder = holders.get(nick_key(nick))
+        # The same user may take its nick over: a reconnect before the old connection is gone.
+        if holder is not None and holder[1] != member.user_id:
+            return False
+        holders[nick_key(nick)] = (member.conn_id, member.user_id)
+        return True
+
+    async def stats(self) -> dict[str, Any]:
+        return {
+            "nodes": {self._node_id: {"connections": self._connections, "alive": True}},
+            "rooms": {
+                room: len({m.user_id for m in entries.values()})
+                for room, entries in sorted(self._rooms.items())
+            },
+        }
+
+    def set_connection_count(self, count: int) -> None:
+        self._connections = count
+

@@ -1,0 +1,250 @@
+"""Every node setting, in one frozen dataclass, read from flags and environment in one function.
+
+Each field is a flag ``--field-name`` and an environment variable ``ROOMCAST_FIELD_NAME``; a flag
+wins over the environment, which wins over the default. README.md's configuration table is
+generated from the same metadata (``python -m roomcast.config`` prints it). Every timeout a node
+uses is a field here, or a named constant with a comment saying why it is not a setting.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import os
+import re
+import secrets
+import socket
+import sys
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+ENV_PREFIX = "ROOMCAST_"
+LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+# The same rule as protocol.ROOM_RE (not imported: config stays free of protocol imports).
+_ROOM_RE = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
+
+
+def _opt(default: Any, help: str, **extra: Any) -> Any:
+    return field(default=default, metadata={"help": help, **extra})
+
+
+def default_node_id() -> str:
+    """Hostname plus a random suffix, so two nodes on one host never collide."""
+    return f"{socket.gethostname()}-{secrets.token_hex(3)}"
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    """A node's settings. Immutable: a running node never changes its configuration."""
+
+    host: str = _opt("127.0.0.1", "Address to listen on (0.0.0.0 for all interfaces).")
+    port: int = _opt(8000, "TCP port to listen on; 0 picks a free one (logged on start).")
+    node_id: str = _opt("", "Unique node name; default: hostname plus a random suffix.")
+    redis_url: str | None = _opt(
+        None, "redis:// URL of the shared Redis; absent = embedded mode, one node on its own."
+    )
+    redis_prefix: str = _opt("roomcast", "Prefix of every Redis key and channel name.")
+    redis_timeout: float = _opt(
+        5.0, "Seconds a Redis command or subscription may take before it counts as failed "
+        "(the client then gets 'unavailable'); also the start-up wait for Redis."
+    )
+    redis_connect_timeout: float = _opt(2.0, "Seconds to open a connection to Redis.")
+    redis_retry_max: float = _opt(
+        5.0, "Longest pause between reconnect attempts to Redis (full jitter, doubling from "
+        "0.1 s)."
+    )
+    log_format: str = _opt(
+        "auto", "Log output: json, console, or auto (console on a tty, JSON otherwise).",
+        choices=("auto", "json", "console"),
+    )
+    log_level: str = _opt("info", "Minimum log level: debug, info, warning, error.")
+    # Limits and abuse control.
+    max_message_size: int = _opt(65536, "Largest frame a client may send, bytes; larger: 1009.")
+    rate_limit: float = _opt(20.0, "Messages per second a connection may send (token bucket).")
+    rate_burst: int = _opt(40, "Token bucket size: messages a connection may send at once.")
+    flood_close_after: int = _opt(
+        20, "Rate-limited messages in a row after which the connection is closed with 1008."
+    )
+    max_rooms_per_connection: int = _opt(100, "Rooms one connection may be in at once.")
+    ping_interval: float = _opt(20.0, "Seconds between protocol-level pings; 0 disables them.")
+    ping_timeout: float = _opt(20.0, "Seconds to wait for a pong before dropping the peer.")
+    max_send_buffer: int = _opt(
+        1048576, "Bytes queued to one client before it counts as a slow consumer (closed 4000)."
+    )
+    close_timeout: float = _opt(
+        5.0, "Seconds to wait for a client's closing handshake (and, at shutdown, for all of "
+        "them) before the connection is dropped."
+    )
+    compression: bool = _opt(
+        False, "Offer permessage-deflate. Off by default: it costs CPU and memory per connection."
+    )
+    # Fan-out and presence.
+    unsubscribe_linger: float = _opt(
+        2.0, "Seconds a room stays subscribed on Redis after its last local member leaves."
+    )
+    presence_grace: float = _opt(
+        5.0, "Seconds a user may be gone before user_left is sent (reconnects in time: no flap)."
+    )
+    node_lease_ttl: float = _opt(
+        5.0, "Seconds a node's lease lives without a refresh; a dead node vanishes after it."
+    )
+    history_size: int = _opt(100, "Messages kept per room for history and recovery; 0 = none.")
+    history_ttl: float = _opt(
+        86400.0, "Seconds a room's history lives after its last publication; 0 = no expiry."
+    )
+    tutorial_room: str = _opt("chat", "Room of the python-websockets tutorial dialect on '/'.")
+    max_nick_length: int = _opt(20, "Nicknames are stripped and cut to this many characters.")
+    max_chat_length: int = _opt(500, "Tutorial-dialect chat text is cut to this many characters.")
+    # Drain and operations.
+    drain_delay: float = _opt(5.0, "Seconds between readiness off and the first 1012 close.")
+    drain_window: float = _opt(10.0, "Seconds over which connections are closed in batches.")
+    admin_token: str | None = _opt(
+        None, "Bearer token for /admin/ endpoints; absent = admin endpoints are disabled."
+    )
+    trusted_proxies: tuple[str, ...] = _opt(
+        (), "Comma-separated proxy addresses whose X-Forwarded-For is believed."
+    )
+
+    def __post_init__(self) -> None:
+        if not self.node_id:
+            object.__setattr__(self, "node_id", default_node_id())
+        problems = [
+            f"--{name.replace('_', '-')} ({ENV_PREFIX}{name.upper()}) {rule}"
+            for name, ok, rule in self._rules()
+            if not ok
+        ]
+        if problems:
+            raise ValueError("; ".join(problems))
+
+    def _rules(self) -> list[tuple[str, bool, str]]:
+        """(field, valid?, what a valid value is) for every constrained setting."""
+        rules: list[tuple[str, bool, str]] = [
+            ("port", 0 <= self.port <= 65535, "must be from 0 to 65535"),
+            ("max_message_size", self.max_message_size >= 256, "must be at least 256 bytes"),
+            ("max_send_buffer", self.max_send_buffer >= 1024, "must be at least 1024 bytes"),
+            ("rate_burst", self.rate_burst >= 1, "must be at least 1"),
+            ("flood_close_after", self.flood_close_after >= 1, "must be at least 1"),
+            ("max_rooms_per_connection", self.max_rooms_per_connection >= 1,
+             "must be at least 1"),
+            ("history_size", self.history_size >= 0, "must be 0 or more"),
+            ("max_nick_length", self.max_nick_length >= 1, "must be at least 1"),
+            ("max_chat_length", self.max_chat_length >= 1, "must be at least 1"),
+            ("log_format", self.log_format in ("auto", "json", "console"),
+             "must be auto, json or console"),
+            ("log_level", self.log_level.lower() in LOG_LEVELS,
+             "must be one of " + ", ".join(LOG_LEVELS)),
+            ("redis_url", self.redis_url is None or self.redis_url.startswith(
+                ("redis://", "rediss://", "unix://")),
+             "must start with redis://, rediss:// or unix://"),
+            ("tutorial_room", _ROOM_RE.fullmatch(self.tutorial_room) is not None,
+             "must be 1-64 characters of letters, digits and _ . : -"),
+        ]
+        # NaN passes every comparison's negation, so finiteness is checked first.
+        positive = ("rate_limit", "node_lease_ttl", "redis_timeout", "redis_connect_timeout",
+                    "redis_retry_max", "close_timeout")
+        non_negative = ("ping_interval", "ping_timeout", "unsubscribe_linger",
+                        "presence_grace", "history_ttl", "drain_delay", "drain_window")
+        for name in positive:
+            value = getattr(self, name)
+            rules.append((name, math.isfinite(value) and value > 0,
+                          "must be a finite number above 0"))
+        for name in non_negative:
+            value = getattr(self, name)
+            rules.append((name, math.isfinite(value) and value >= 0,
+                          "must be a finite number, 0 or more"))
+        return rules
+
+    @property
+    def clustered(self) -> bool:
+        """True when the node shares state through Redis."""
+        return self.redis_url is not None
+
+
+def _parse_bool(text: str) -> bool:
+    lowered = text.strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off", ""):
+        return False
+    raise ValueError(f"not a boolean: {text!r}")
+
+
+def _convert(f: dataclasses.Field[Any], raw: str) -> Any:
+    kind = str(f.type)
+    if kind == "int":
+        return int(raw)
+    if kind == "float":
+        return float(raw)
+    if kind == "bool":
+        return _parse_bool(raw)
+    if kind.startswith("tuple"):
+        return tuple(part.strip() for part in raw.split(",") if part.strip())
+    if kind == "str | None":
+        return raw or None
+    return raw
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add one ``--flag`` per Config field to ``parser`` (all default to None = not given)."""
+    for f in dataclasses.fields(Config):
+        flag = "--" + f.name.replace("_", "-")
+        env = ENV_PREFIX + f.name.upper()
+        help_text = f"{f.metadata['help']} [env {env}, default {_show_default(f)}]"
+        parser.add_argument(flag, dest=f.name, default=None, metavar=f.name.upper(),
+                            help=help_text)
+
+
+def _show_default(f: dataclasses.Field[Any]) -> str:
+    if f.name == "node_id":
+        return "hostname-random"
+    value = f.default
+    if isinstance(value, tuple):
+        return ",".join(value) or "none"
+    return "none" if value is None else str(value)
+
+
+def load_config(
+    args: argparse.Namespace | None = None, environ: Mapping[str, str] | None = None
+) -> Config:
+    """Build the Config from parsed flags and the environment (flags win).
+
+    Raises ValueError with a one-line, user-facing message for any bad value.
+    """
+    environ = os.environ if environ is None else environ
+    values: dict[str, Any] = {}
+    for f in dataclasses.fields(Config):
+        raw = getattr(args, f.name, None) if args is not None else None
+        source = "--" + f.name.replace("_", "-")
+        if raw is None:
+            raw = environ.get(ENV_PREFIX + f.name.upper())
+            source = ENV_PREFIX + f.name.upper()
+        if raw is None:
+            continue
+        try:
+            values[f.name] = _convert(f, raw)
+        except ValueError:
+            raise ValueError(f"{source}: invalid value {raw!r}") from None
+    return Config(**values)
+
+
+def markdown_table() -> str:
+    """The README configuration table, generated from the fields' metadata."""
+    rows = ["| flag | environment | default | meaning |", "|---|---|---|---|"]
+    for f in dataclasses.fields(Config):
+        rows.append(
+            f"| `--{f.name.replace('_', '-')}` | `{ENV_PREFIX}{f.name.upper()}` "
+            f"| `{_show_default(f)}` | {f.metadata['help']} |"
+        )
+    return "\n".join(rows)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Print the configuration table (used to keep README.md in step)."""
+    del argv
+    sys.stdout.write(markdown_table() + "\n")
+
+
+if __name__ == "__main__":
+    main()

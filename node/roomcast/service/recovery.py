@@ -1,0 +1,161 @@
+"""The recovery invariant, in one place: replay from history, buffer live publications meanwhile,
+hand over without a gap or a duplicate.
+
+Three callers need it and use only this module:
+
+* a join with ``since`` (``join_with_replay``): the client gets what it missed, then live;
+* the drain hint (``delivered``): the position a client has really received up to in each room;
+* the resubscribe after a Redis outage (``catch_up``): whatever was published while this node
+  was not subscribed is fetched from history and delivered before anything newer.
+
+The rule is the same each time. A subscription is made first and live publications queue from
+that moment; only then is the position read from history, so that nothing published after the
+read can be missed. The queue is then replayed through ``splice``, which drops what history
+already covered, and the hand-over to live delivery happens without yielding to the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import structlog
+
+from roomcast.backends.broker import BrokerUnavailable, Publication
+from roomcast.backends.history import History, HistoryResult
+from roomcast.protocol.envelopes import Since
+from roomcast.service.connection import Connection
+
+if TYPE_CHECKING:  # rooms.py imports Position from here; this module only takes Rooms as input.
+    from roomcast.service.rooms import Room, Rooms
+
+log = structlog.get_logger("roomcast.recovery")
+
+
+@dataclass(slots=True)
+class Position:
+    """The last stored publication a room delivered on this node: exactly-once at the node."""
+
+    offset: int = 0
+    epoch: str = ""
+
+    def advance(self, publication: Publication) -> bool:
+        """True when ``publication`` is new here (and move past it); False for a repeat.
+
+        Ephemeral events (offset 0) are always new. A stored publication of another epoch
+        starts the count again: the room's history was lost and renumbered.
+        """
+        if not publication.offset:
+            return True
+        if publication.epoch == self.epoch and publication.offset <= self.offset:
+            return False
+        self.offset, self.epoch = publication.offset, publication.epoch
+        return True
+
+
+def splice(
+    stored: HistoryResult, replay: bool, queued: Iterable[Publication], receiver: str = ""
+) -> list[bytes]:
+    """What a receiver gets, in order, when history ``stored`` was read after live publications
+    started queueing for it: the stored messages (when ``replay``), then each queued publication
+    that history did not already cover. Events from ``receiver`` itself are dropped.
+
+    Pure: tests/unit/test_recovery.py checks it without a network.
+    """
+    out = list(stored.messages) if replay else []
+    for publication in queued:
+        if publication.offset == 0:
+            if not receiver or publication.origin != receiver:
+                out.append(publication.payload)
+        elif publication.epoch != stored.epoch or publication.offset > stored.offset:
+            out.append(publication.payload)
+    return out
+
+
+def stored_publications(room: str, since: Since, stored: HistoryResult) -> list[Publication]:
+    """The messages of a recovered read after ``since`` as publications with their offsets
+    (a recovered read is contiguous: offsets since+1, since+2, ...)."""
+    return [
+        Publication(room, payload, since.offset + 1 + i, stored.epoch)
+        for i, payload in enumerate(stored.messages)
+    ]
+
+
+async def join_with_replay(
+    rooms: Rooms,
+    history: History,
+    conn: Connection,
+    room: str,
+    since: Since | None,
+    enter: Callable[[], Awaitable[Any]],
+    reply: Callable[[HistoryResult], None],
+) -> HistoryResult:
+    """Join ``conn`` to ``room`` and hand it over to live delivery without a gap.
+
+    Subscribes (publications queue for ``conn``), reads the position and, with ``since``, what
+    was missed; awaits ``enter`` (presence); then, without yielding, calls ``reply`` with the
+    result, sends the replay and what queued, and makes ``conn`` a live member. On any failure
+    the caller cleans up (the connection is still listed as joining).
+    """
+    await rooms.join(room, conn, replaying=True)
+    result = await history.read(room, since, None if since else 1)
+    await enter()
+    # From here to the end: no await, so no publication can slip between replay and live.
+    reply(result)
+    replay = since is not None and result.recovered
+    for payload in splice(result, replay, rooms.finish_replay(room, conn), conn.conn_id):
+        conn.send(payload)
+    return result
+
+
+def delivered(rooms: Rooms, conn: Connection) -> dict[str, dict[str, Any]]:
+    """For the drain hint: each room's ``{offset, epoch}`` that ``conn`` has received up to.
+
+    A connection still replaying history has not, so its room is left out (it rejoins from its
+    own last position).
+    """
+    positions: dict[str, dict[str, Any]] = {}
+    for name in conn.rooms:
+        room = rooms.get(name)
+        if room is not None and room.position.epoch and not room.is_replaying(conn):
+            positions[name] = {"offset": room.position.offset, "epoch": room.position.epoch}
+    return positions
+
+
+def catch_up(rooms: Rooms, history: History, names: Iterable[str]) -> list[asyncio.Task[None]]:
+    """After a resubscribe: refill each room from history, in order, before newer publications.
+
+    Must be called synchronously when the broker reports the resubscribe, so that every
+    publication from the new subscription queues behind the refill.
+    """
+    tasks = []
+    for name in names:
+        room = rooms.get(name)
+        if room is None or room.backlog is not None:
+            continue
+        room.backlog = []
+        tasks.append(asyncio.ensure_future(_refill(rooms, history, room)))
+    return tasks
+
+
+async def _refill(rooms: Rooms, history: History, room: Room) -> None:
+    since = Since(room.position.offset, room.position.epoch) if room.position.epoch else None
+    missed: list[Publication] = []
+    try:
+        if since is not None:
+            stored = await history.read(room.name, since)
+            if stored.recovered:
+                missed = stored_publications(room.name, since, stored)
+            else:
+                log.warning("messages published during the outage are no longer in history",
+                            room=room.name, since=since.offset, offset=stored.offset)
+    except BrokerUnavailable:
+        log.warning("could not refill after resubscribe", room=room.name)
+    except Exception:
+        log.error("refill after resubscribe crashed", room=room.name, exc_info=True)
+    finally:
+        backlog, room.backlog = room.backlog or [], None
+        for publication in [*missed, *backlog]:
+            rooms.deliver(publication)

@@ -1,0 +1,240 @@
+"""The use cases of a node, written once for every transport.
+
+``Service`` joins, leaves, publishes, types, answers presence and history and disconnects users,
+on behalf of a ``Connection`` with an ``Identity`` (service/connection.py). It knows nothing of
+sockets, frames or dialects: a transport decodes a request, calls one method here and encodes
+what it returns. A refusal is a ``ProtocolError`` with a code from ``ErrorCode`` (the transport
+adds the request id); a backend that cannot be reached raises ``BrokerUnavailable``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import structlog
+
+from roomcast import clock
+from roomcast.backends import Backends
+from roomcast.backends.broker import Publication
+from roomcast.backends.history import HistoryResult
+from roomcast.backends.presence import Member
+from roomcast.config import Config
+from roomcast.metrics import Metrics
+from roomcast.protocol import envelopes
+from roomcast.protocol.closecodes import CloseCode
+from roomcast.protocol.dialects import clean_nick
+from roomcast.protocol.envelopes import ErrorCode, ProtocolError, Since
+from roomcast.service import recovery
+from roomcast.service.connection import Connection
+from roomcast.service.rooms import Rooms
+
+log = structlog.get_logger("roomcast.service")
+
+
+@dataclass(frozen=True, slots=True)
+class Joined:
+    """The outcome of a join. ``position`` is set for joins that read the room's position
+    (native clients); ``fresh`` is True when the user was not present before (user_joined)."""
+
+    room: str
+    fresh: bool = False
+    position: HistoryResult | None = None
+    already: bool = False
+
+
+class Service:
+    def __init__(self, config: Config, backends: Backends, rooms: Rooms, metrics: Metrics) -> None:
+        self.config = config
+        self.node_id = config.node_id
+        self.broker = backends.broker
+        self.history_store = backends.history
+        self.presence_store = backends.presence
+        self.rooms = rooms
+        self.metrics = metrics
+        #: Every open connection of this node, by conn_id.
+        self.connections: dict[str, Connection] = {}
+
+    # --- lifecycle ---------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Connect the backends; a Redis that is not reachable yet is waited for, briefly."""
+        await self.broker.start(self.rooms.deliver, self._resubscribed)
+        if not await self.broker.wait_connected(self.config.redis_timeout):
+            log.warning("starting without redis; publishes fail until it is reachable")
+        await self.presence_store.start(self.user_left)
+
+    async def close(self) -> None:
+        """Release the backends (presence removes this node's entries first). Idempotent."""
+        await self.rooms.close()
+        await self.presence_store.close()
+        await self.broker.close()
+
+    def _resubscribed(self, rooms: Any) -> None:
+        recovery.catch_up(self.rooms, self.history_store, rooms)
+
+    # --- connections -------------------------------------------------------------------------
+
+    def connected(self, conn: Connection) -> None:
+        self.connections[conn.conn_id] = conn
+        self.presence_store.set_connection_count(len(self.connections))
+
+    async def disconnected(self, conn: Connection) -> None:
+        """The connection is gone: leave every room it was in (presence, nicks, subscriptions)."""
+        self.connections.pop(conn.conn_id, None)
+        self.presence_store.set_connection_count(len(self.connections))
+        for room in list(conn.rooms):
+            try:
+                await self._leave(conn, room)
+            except Exception:
+                log.warning("presence cleanup failed", room=room, exc_info=True)
+
+    def disconnect_user(self, user_id: str, code: int = CloseCode.DISCONNECTED,
+                        reason: str = "disconnected") -> int:
+        """Close every connection of ``user_id`` on this node; returns how many."""
+        conns = [c for c in self.connections.values() if c.identity.user_id == user_id]
+        for conn in conns:
+            conn.close(code, reason)
+        if conns:
+            log.info("disconnected user", user_id=user_id, connections=len(conns), code=code)
+        return len(conns)
+
+    # --- rooms -------------------------------------------------------------------------------
+
+    def _member(self, conn: Connection, nick: str | None = None) -> Member:
+        who = conn.identity
+        return Member(who.user_id, who.username, self.node_id, conn.conn_id, clock.now_ms(), nick)
+
+    async def join(
+        self,
+        conn: Connection,
+        room: str,
+        *,
+        nick: str | None = None,
+        since: Since | None = None,
+        with_position: bool = True,
+        reply: Callable[[Joined], None] | None = None,
+    ) -> Joined:
+        """Join ``conn`` to ``room``; ``nick`` reserves a room-unique nickname.
+
+        With ``with_position`` (native clients) the room's position is read and, with
+        ``since``, the missed messages replayed: ``reply`` is called with the outcome just
+        before the replay, so that the transport's answer precedes it (recovery.py). Raises
+        ProtocolError too_many_rooms / nick_taken, or BrokerUnavailable; nothing stays joined
+        after a failure.
+        """
+        if room in conn.rooms:
+            joined = Joined(room, already=True)
+            if reply is not None:
+                reply(joined)
+            return joined
+        limit = self.config.max_rooms_per_connection
+        if len(conn.rooms) >= limit:
+            raise ProtocolError(ErrorCode.TOO_MANY_ROOMS, f"at most {limit} rooms per connection")
+        if nick is not None:
+            nick = clean_nick(nick, self.config.max_nick_length) or None
+        if nick is not None and not await self.presence_store.claim_nick(
+            room, nick, self._member(conn, nick)
+        ):
+            raise ProtocolError(ErrorCode.NICK_TAKEN, "that nick is in use in this room")
+        conn.rooms[room] = nick
+        fresh = False
+
+        async def enter() -> None:
+            nonlocal fresh
+            fresh = await self._enter(conn, room, nick)
+
+        try:
+            if with_position:
+                def answer(result: HistoryResult) -> None:
+                    if reply is not None:
+                        reply(Joined(room, fresh, result))
+
+                position = await recovery.join_with_replay(
+                    self.rooms, self.history_store, conn, room, since, enter, answer)
+                return Joined(room, fresh, position)
+            await self.rooms.join(room, conn)
+            await enter()
+        except BaseException:
+            await self._leave(conn, room)
+            raise
+        joined = Joined(room, fresh)
+        if reply is not None:
+            reply(joined)
+        return joined
+
+    async def _enter(self, conn: Connection, room: str, nick: str | None) -> bool:
+        """Record presence and announce a newly present user; True when the user is new."""
+        fresh = await self.presence_store.add(room, self._member(conn, nick))
+        if fresh:
+            who = conn.identity
+            await self.broker.publish_event(
+                room,
+                envelopes.event("user_joined", room, user_id=who.user_id,
+                                username=who.username, ts=clock.now_ms()),
+                origin=conn.conn_id,
+            )
+        return fresh
+
+    async def leave(self, conn: Connection, room: str) -> None:
+        """Leave a joined room; ProtocolError not_joined otherwise."""
+        if room not in conn.rooms:
+            raise ProtocolError(ErrorCode.NOT_JOINED, "not in this room")
+        await self._leave(conn, room)
+
+    async def _leave(self, conn: Connection, room: str) -> None:
+        nick = conn.rooms.pop(room, None)
+        self.rooms.leave(room, conn)
+        await self.presence_store.remove(room, self._member(conn, nick))
+
+    async def user_left(self, room: str, user_id: str, username: str) -> None:
+        """Presence decided the user is gone: tell the room on every node."""
+        try:
+            await self.broker.publish_event(
+                room, envelopes.event("user_left", room, user_id=user_id, username=username,
+                                      ts=clock.now_ms()))
+        except Exception:
+            log.warning("could not announce user_left", room=room, exc_info=True)
+
+    # --- messages ----------------------------------------------------------------------------
+
+    async def publish(self, conn: Connection, room: str, data: Any) -> Publication:
+        """Store and publish ``data`` from ``conn``'s identity; returns it with its offset."""
+        who = conn.identity
+        prefix = envelopes.message_prefix(
+            room, data, envelopes.sender(who.user_id, who.username), clock.now_ms())
+        publication = await self.broker.publish(room, prefix, conn.conn_id)
+        self.metrics.publications.inc()
+        return publication
+
+    async def typing(self, conn: Connection, room: str) -> None:
+        """Tell the room's other members that ``conn``'s user is typing (not stored)."""
+        who = conn.identity
+        await self.broker.publish_event(
+            room,
+            envelopes.event("typing", room, **{"from": envelopes.sender(who.user_id,
+                                                                         who.username)}),
+            origin=conn.conn_id,
+        )
+
+    async def presence(self, room: str) -> list[Member]:
+        """Every connection in the room, cluster-wide, oldest first."""
+        return await self.presence_store.members(room)
+
+    async def history(
+        self, room: str, since: Since | None = None, limit: int | None = None
+    ) -> HistoryResult:
+        return await self.history_store.read(room, since, limit)
+
+    def positions(self, conn: Connection) -> dict[str, dict[str, Any]]:
+        """Each room's position ``conn`` has received up to (the drain hint)."""
+        return recovery.delivered(self.rooms, conn)
+
+    async def stats(self) -> dict[str, Any]:
+        return {
+            "node_id": self.node_id,
+            "connections": len(self.connections),
+            "rooms": self.rooms.local_counts(),
+            "cluster": await self.presence_store.stats(),
+        }

@@ -1,0 +1,1 @@
+"""Transports: adapt a client connection (WebSocket, HTTP) to the service layer."""

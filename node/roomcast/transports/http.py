@@ -1,0 +1,132 @@
+"""Plain HTTP on the WebSocket port, answered in ``process_request`` before any upgrade.
+
+Routes: ``/`` (test page; the tutorial dialect's WebSocket when it is an upgrade), ``/healthz``,
+``/readyz``, ``/metrics``, ``/api/stats``, ``/api/rooms/{room}/members``, and ``/admin/drain``.
+WebSocket upgrades are accepted only on ``/``, ``/ws`` and ``/ws/chat/{room}``.
+"""
+
+from __future__ import annotations
+
+import hmac
+from importlib import resources
+from typing import Any, Protocol
+from urllib.parse import urlsplit
+
+import orjson
+from websockets.asyncio.server import ServerConnection
+from websockets.datastructures import Headers
+from websockets.http11 import Request, Response
+
+from roomcast.backends.broker import BrokerUnavailable
+from roomcast.config import Config
+from roomcast.metrics import Metrics
+from roomcast.protocol import envelopes
+from roomcast.service.service import Service
+from roomcast.transports.websocket import is_websocket_route
+
+REASONS = {200: "OK", 202: "Accepted", 401: "Unauthorized", 404: "Not Found",
+           405: "Method Not Allowed", 503: "Service Unavailable"}
+
+
+def response(status: int, body: bytes, content_type: str) -> Response:
+    headers = Headers([
+        ("Content-Type", content_type),
+        ("Content-Length", str(len(body))),
+        ("Cache-Control", "no-store"),
+    ])
+    return Response(status, REASONS.get(status, "OK"), headers, body)
+
+
+def json_response(status: int, value: Any) -> Response:
+    return response(status, orjson.dumps(value), "application/json")
+
+
+def text_response(status: int, text: str) -> Response:
+    return response(status, text.encode() + b"\n", "text/plain; charset=utf-8")
+
+
+class Lifecycle(Protocol):
+    """What the routes need of the node that owns them (app.Node)."""
+
+    @property
+    def accepting(self) -> bool:
+        """False once a drain or shutdown began: readiness and handshakes answer 503."""
+
+    def request_drain(self) -> None:
+        """Begin a drain; later calls are harmless."""
+
+
+class HttpRoutes:
+    def __init__(
+        self, config: Config, service: Service, metrics: Metrics, lifecycle: Lifecycle
+    ) -> None:
+        self.config = config
+        self.service = service
+        self.metrics = metrics
+        self.lifecycle = lifecycle
+        self._page = resources.files("roomcast.transports").joinpath(
+            "static", "index.html").read_bytes()
+
+    async def process_request(
+        self, connection: ServerConnection, request: Request
+    ) -> Response | None:
+        """Answer plain HTTP; return None to let a WebSocket handshake proceed."""
+        try:
+            return await self.route(request)
+        except BrokerUnavailable:
+            return json_response(503, {"error": "the cluster backend is unavailable"})
+
+    async def route(self, request: Request) -> Response | None:
+        path = urlsplit(request.path).path
+        upgrade = request.headers.get("Upgrade", "").lower() == "websocket"
+        if upgrade:
+            if not is_websocket_route(path):
+                return text_response(404, "no WebSocket endpoint at this path")
+            if not self.lifecycle.accepting:
+                # A draining node sends handshakes elsewhere: 503 makes nginx try the next one.
+                return text_response(503, "node is draining; connect to another node")
+            return None
+        method = request.method if hasattr(request, "method") else "GET"
+        if path.startswith("/admin/"):
+            return await self.admin(request, method, path)
+        if method != "GET":
+            return text_response(405, "only GET is served here")
+        if path == "/":
+            return response(200, self._page, "text/html; charset=utf-8")
+        if path == "/healthz":
+            return json_response(200, {"status": "ok", "node_id": self.config.node_id,
+                                       "broker": self.service.broker.available})
+        if path == "/readyz":
+            if self.lifecycle.accepting:
+                return json_response(200, {"status": "ready"})
+            return json_response(503, {"status": "draining"})
+        if path == "/metrics":
+            return response(200, self.metrics.render(),
+                            "text/plain; version=0.0.4; charset=utf-8")
+        if path == "/api/stats":
+            return json_response(200, await self.service.stats())
+        if path.startswith("/api/rooms/") and path.endswith("/members"):
+            room = path[len("/api/rooms/"):-len("/members")]
+            if not envelopes.valid_room(room):
+                return json_response(404, {"error": "invalid room name"})
+            members = await self.service.presence(room)
+            return json_response(200, {
+                "room": room,
+                "members": [m.to_dict() for m in members],
+                "count": len({m.user_id for m in members}),
+            })
+        return text_response(404, "not found")
+
+    async def admin(self, request: Request, method: str, path: str) -> Response:
+        token = self.config.admin_token
+        if not token:
+            return text_response(404, "admin endpoints are disabled (no --admin-token)")
+        offered = request.headers.get("Authorization", "")
+        if not hmac.compare_digest(offered.encode(), f"Bearer {token}".encode()):
+            return text_response(401, "missing or wrong bearer token")
+        if path == "/admin/drain":
+            if method != "POST":
+                return text_response(405, "use POST")
+            self.lifecycle.request_drain()
+            return json_response(202, {"status": "draining", "node_id": self.config.node_id})
+        return text_response(404, "not found")

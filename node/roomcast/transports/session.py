@@ -1,0 +1,52 @@
+"""One WebSocket client connection: the service's ``Connection``, over python-websockets."""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+from dataclasses import dataclass, field
+
+import structlog
+from websockets.asyncio.server import ServerConnection
+
+from roomcast.service.connection import Identity
+from roomcast.service.ratelimit import TokenBucket
+from roomcast.transports.writer import FrameWriter
+
+log = structlog.get_logger("roomcast.conn")
+
+
+def new_conn_id() -> str:
+    return secrets.token_hex(8)
+
+
+@dataclass(eq=False, slots=True)
+class Session:
+    """A connected client. Compared by identity: it is a key of the rooms' member dicts."""
+
+    ws: ServerConnection
+    writer: FrameWriter
+    identity: Identity
+    #: The dialect it speaks, which is also the encoding of its fan-out.
+    codec: str
+    limiter: TokenBucket
+    conn_id: str = field(default_factory=new_conn_id)
+    #: room -> nick held in it (None when the join asked for none)
+    rooms: dict[str, str | None] = field(default_factory=dict)
+    peer: str = ""
+    #: Set once the client fell behind by more than --max-send-buffer and is being closed.
+    slow: bool = False
+
+    def send(self, payload: bytes) -> None:
+        """Write one envelope now, after the fan-out still pending for this client."""
+        self.writer.write_now(self.ws, payload)
+
+    def close(self, code: int, reason: str) -> None:
+        """Start the closing handshake in the background."""
+        task = asyncio.ensure_future(self.ws.close(code, reason))
+        task.add_done_callback(_log_task_error)
+
+
+def _log_task_error(task: asyncio.Task[None]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.error("background task failed", exc_info=task.exception())

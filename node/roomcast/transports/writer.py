@@ -1,0 +1,154 @@
+"""Fan-out at the frame level: one WebSocket frame per message per node, written to every member.
+
+A server's frames are not masked (RFC 6455 section 5.1), so a text frame's bytes are the same
+for every connection that did not negotiate an extension. ``text_frame`` builds them once; the
+``FrameWriter`` appends them to each open connection's pending list and writes each list with one
+``transport.write`` at the end of the event-loop iteration, so that a burst of publications costs
+one syscall per connection instead of one per message. Connections that are closing or closed,
+or that negotiated permessage-deflate, are never written raw: the first are skipped, the second go
+through the websockets protocol object.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import struct
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any
+
+import structlog
+from websockets.asyncio.server import ServerConnection
+from websockets.protocol import OPEN
+
+from roomcast.metrics import Metrics
+from roomcast.protocol.closecodes import CloseCode
+
+if TYPE_CHECKING:
+    from roomcast.transports.session import Session
+
+log = structlog.get_logger("roomcast.writer")
+
+_TEXT_FIN = 0x81  # FIN bit + opcode 0x1 (text), RFC 6455 section 5.2.
+
+
+def text_frame(payload: bytes) -> bytes:
+    """A complete, unmasked, unfragmented text frame carrying ``payload`` (RFC 6455 §5.2)."""
+    length = len(payload)
+    if length < 126:
+        header = bytes((_TEXT_FIN, length))
+    elif length < 65536:
+        header = struct.pack("!BBH", _TEXT_FIN, 126, length)
+    else:
+        header = struct.pack("!BBQ", _TEXT_FIN, 127, length)
+    return header + payload
+
+
+def raw_writable(ws: ServerConnection) -> bool:
+    """True when pre-built frames may be written to ``ws``'s transport directly."""
+    return (
+        ws.protocol.state is OPEN
+        and not ws.protocol.extensions
+        and ws.send_in_progress is None
+    )
+
+
+class FrameWriter:
+    """Coalescing writer of pre-built frames; one per node, used on the event loop thread."""
+
+    def __init__(self) -> None:
+        self._pending: dict[ServerConnection, list[bytes]] = {}
+        self._scheduled = False
+        #: Writes made and frames written, for tests and the benchmark.
+        self.writes = 0
+        self.frames = 0
+
+    def send(self, connections: Iterable[ServerConnection], payload: bytes) -> int:
+        """Queue ``payload`` as one text frame to each connection; returns how many it reached.
+
+        The frame is built once. Connections not in the OPEN state are skipped; ones with an
+        extension get the message through websockets (compressed per connection).
+        """
+        frame: bytes | None = None
+        reached = 0
+        pending = self._pending
+        for ws in connections:
+            if raw_writable(ws):
+                if frame is None:
+                    frame = text_frame(payload)
+                queue = pending.get(ws)
+                if queue is None:
+                    pending[ws] = [frame]
+                else:
+                    queue.append(frame)
+                reached += 1
+            elif ws.protocol.state is OPEN:
+                self.write_now(ws, payload)
+                reached += 1
+        if pending and not self._scheduled:
+            self._scheduled = True
+            asyncio.get_running_loop().call_soon(self.flush)
+        return reached
+
+    def write_now(self, ws: ServerConnection, payload: bytes) -> None:
+        """Write ``payload`` to one connection at once, after what is pending for it, so a
+        reply never overtakes a publication queued before it. Does not yield."""
+        self.flush_one(ws)
+        if raw_writable(ws):
+            ws.transport.write(text_frame(payload))
+        elif ws.protocol.state is OPEN and ws.send_in_progress is None:
+            ws.protocol.send_text(payload)  # Through the extension (compression).
+            ws.send_data()
+
+    def flush_one(self, ws: ServerConnection) -> None:
+        """Write what is pending for ``ws`` now (before a reply, to keep the order)."""
+        frames = self._pending.pop(ws, None)
+        if frames:
+            self._write(ws, frames)
+
+    def flush(self) -> None:
+        """Write every connection's pending frames, one write per connection."""
+        self._scheduled = False
+        pending, self._pending = self._pending, {}
+        for ws, frames in pending.items():
+            self._write(ws, frames)
+
+    def _write(self, ws: ServerConnection, frames: list[bytes]) -> None:
+        # A close that started since the frames were queued wins: nothing may follow a close
+        # frame (RFC 6455 section 5.5.1). The client recovers those messages from history.
+        if ws.protocol.state is not OPEN:
+            return
+        ws.transport.write(frames[0] if len(frames) == 1 else b"".join(frames))
+        self.writes += 1
+        self.frames += len(frames)
+
+
+class SessionFanout:
+    """The service's ``Fanout`` over WebSocket sessions: the slow-consumer policy, then one
+    pre-built frame per message through the node's ``FrameWriter``."""
+
+    def __init__(self, writer: FrameWriter, metrics: Metrics, max_send_buffer: int) -> None:
+        self.writer = writer
+        self._metrics = metrics
+        self._max_send_buffer = max_send_buffer
+
+    def send(self, connections: Iterable[Any], payload: bytes, skip: str = "") -> int:
+        targets = []
+        limit = self._max_send_buffer
+        for session in connections:
+            if skip and session.conn_id == skip:
+                continue
+            if session.ws.transport.get_write_buffer_size() > limit:
+                self.cut_slow(session)
+                continue
+            targets.append(session.ws)
+        return self.writer.send(targets, payload)
+
+    def cut_slow(self, session: Session) -> None:
+        """A client that cannot keep up is closed with 4000, never waited for."""
+        if session.slow:
+            return
+        session.slow = True
+        self._metrics.errors.labels(code="slow_consumer").inc()
+        log.info("closing slow consumer", conn_id=session.conn_id,
+                 buffered=session.ws.transport.get_write_buffer_size())
+        session.close(CloseCode.SLOW_CONSUMER, "slow consumer")
