@@ -45,7 +45,8 @@ def build(config: Config) -> Backends:
     keys = Keys(config.redis_prefix)
     redis = connect(config)
     return Backends(
-        RedisBroker(redis, keys, config),
+        RedisBroker(redis, keys, config, pubsub_client=connect(config, retries=0,
+                                                                    role="pubsub")),
         RedisHistory(redis, keys, config.history_ttl),
         RedisPresence(redis, keys, config.node_id, config.presence_grace,
                       config.node_lease_ttl),

@@ -56,8 +56,14 @@ def event_frame(payload: bytes, origin: str) -> bytes:
 class RedisBroker:
     """Broker over one Redis: pub/sub for fan-out, streams for history."""
 
-    def __init__(self, redis: aioredis.Redis, keys: Keys, config: Config) -> None:
+    def __init__(
+        self, redis: aioredis.Redis, keys: Keys, config: Config,
+        pubsub_client: aioredis.Redis | None = None,
+    ) -> None:
         self._redis = redis
+        # The reader's own client (see redis_common.connect): a lost pub/sub connection must
+        # surface here, so that the resubscribe goes through the node's refill.
+        self._pubsub_client = pubsub_client or redis
         self._keys = keys
         self._history_size = config.history_size
         self._history_ttl_ms = int(config.history_ttl * 1000)
@@ -97,8 +103,10 @@ class RedisBroker:
                 await self._reader
             self._reader = None
         self._connected.clear()
-        with contextlib.suppress(RedisError, OSError):
-            await self._redis.aclose()
+        for client in {id(self._redis): self._redis,
+                       id(self._pubsub_client): self._pubsub_client}.values():
+            with contextlib.suppress(RedisError, OSError):
+                await client.aclose()
 
     # --- subscriptions ----------------------------------------------------------------------
 
@@ -130,7 +138,7 @@ class RedisBroker:
         backoff = BACKOFF_BASE
         first = True
         while True:
-            pubsub = self._redis.pubsub()
+            pubsub = self._pubsub_client.pubsub()
             try:
                 rooms = list(self._rooms)
                 # A control channel keeps the connection in subscribed mode with no rooms.

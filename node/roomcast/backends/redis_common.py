@@ -20,17 +20,24 @@ P = ParamSpec("P")
 T = TypeVar("T")
 
 
-def connect(config: Config) -> aioredis.Redis:
-    """The command client of a node, shared by its broker, history and presence store."""
+def connect(config: Config, retries: int = 1, role: str = "commands") -> aioredis.Redis:
+    """A client of the node's Redis with its own connection pool.
+
+    The command client (shared by broker, history and presence) retries once on a fresh
+    connection: that absorbs a pooled socket left stale by a Redis restart; anything longer is the
+    pub/sub reader's backoff loop, so that an outage shows as one. The pub/sub client takes
+    ``retries=0``: redis-py would otherwise reconnect a lost pub/sub connection silently and
+    resubscribe, and whatever was published in between would never be refilled (recovery.py).
+    Connections are named ``roomcast:<node_id>:<role>`` (CLIENT LIST shows whose they are).
+    """
     assert config.redis_url is not None
-    # One retry on a fresh connection absorbs a pooled socket left stale by a Redis restart;
-    # anything longer is the pub/sub reader's backoff loop, so that an outage shows as one.
     return aioredis.Redis.from_url(
         config.redis_url,
         socket_connect_timeout=config.redis_connect_timeout,
         socket_timeout=config.redis_timeout,
         health_check_interval=10,
-        retry=Retry(NoBackoff(), 1),
+        retry=Retry(NoBackoff(), retries),
+        client_name=f"roomcast:{config.node_id}:{role}",
     )
 
 

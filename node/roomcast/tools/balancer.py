@@ -3,7 +3,8 @@
 ``render()`` fills ``nginx.conf.template`` (beside this module): ``least_conn`` over the nodes,
 WebSocket upgrade headers, ``X-Forwarded-*``, and ``proxy_next_upstream http_503`` so that a
 handshake a draining node refuses with 503 is retried on another node. Only ``/``, ``/ws``,
-``/ws/chat/``, ``/api/`` and ``/healthz`` are proxied; ``/metrics``, ``/admin/`` and the rest answer 404.
+``/ws/chat/``, ``/api/`` and ``/healthz`` are proxied; ``/metrics``, ``/admin/`` and the rest
+answer 404.
 
 ``Balancer`` runs that nginx as a child process whose pid file, logs and temp files all live in
 one run directory: it checks the config with ``nginx -t``, starts nginx in the foreground, waits
