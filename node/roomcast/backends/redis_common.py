@@ -16,6 +16,10 @@ from redis.exceptions import RedisError
 from roomcast.backends.broker import BrokerUnavailable
 from roomcast.config import Config
 
+#: Seconds a pooled connection may sit idle before redis-py PINGs it on next use. A constant:
+#: it only turns a half-open socket into an error a little sooner; --redis-timeout bounds waits.
+HEALTH_CHECK_INTERVAL = 10
+
 P = ParamSpec("P")
 T = TypeVar("T")
 
@@ -35,7 +39,7 @@ def connect(config: Config, retries: int = 1, role: str = "commands") -> aioredi
         config.redis_url,
         socket_connect_timeout=config.redis_connect_timeout,
         socket_timeout=config.redis_timeout,
-        health_check_interval=10,
+        health_check_interval=HEALTH_CHECK_INTERVAL,
         retry=Retry(NoBackoff(), retries),
         client_name=f"roomcast:{config.node_id}:{role}",
     )

@@ -15,12 +15,12 @@ import asyncio
 import contextlib
 import math
 import random
-import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import structlog
 
+from roomcast import clock
 from roomcast.protocol import dialects, envelopes
 from roomcast.protocol.closecodes import CloseCode
 from roomcast.transports.session import Session
@@ -62,12 +62,12 @@ async def close_paced(
     plan = batch_plan(len(sessions), window)
     interval = window / len(plan) if plan else 0.0
     tasks: list[asyncio.Task[None]] = []
-    start = time.monotonic()
+    start = clock.monotonic()
     index = 0
     for batch_number, size in enumerate(plan):
         # Sleep to the batch's slot on the schedule (not after the previous batch), so that
         # slow batches do not stretch the drain past its window.
-        delay = start + batch_number * interval - time.monotonic()
+        delay = start + batch_number * interval - clock.monotonic()
         if delay > 0:
             await asyncio.sleep(delay)
         for session in sessions[index : index + size]:
