@@ -282,3 +282,51 @@ async def test_drain_positions_leave_out_rooms_still_replaying(node: Node) -> No
     assert room is not None
     room.pending[sub] = []  # As if it were rejoining with a replay in flight.
     assert node.service.positions(sub) == {}
+
+
+class GatedHistory(MemoryHistory):
+    """A history whose next read waits for ``gate``: a refill that is slow to come back."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate: asyncio.Event | None = None
+
+    async def read(self, room: str, since: Since | None = None,
+                   limit: int | None = None) -> HistoryResult:
+        gate, self.gate = self.gate, None
+        if gate is not None:
+            await gate.wait()
+        return await super().read(room, since, limit)
+
+
+async def test_a_join_during_a_refill_gets_each_message_once() -> None:
+    """A client joining with since while the room refills waits for the refill, then replays
+    from a position past it: no message twice, none missing."""
+    history = GatedHistory()
+    broker = MemoryBroker(history)
+    rooms = Rooms(broker, DirectFanout(), Metrics(), 0.0, dialects.ENCODERS)
+    service = Service(Config(node_id="n1"), Backends(broker, history, MemoryPresence("n1", 0.05)),
+                      rooms, Metrics())
+    await service.start()
+    pub, old = Conn("p", Identity("p", "P")), Conn("o", Identity("o", "O"))
+    new = Conn("n", Identity("n", "N"))
+    await service.join(old, "r")
+    first = await service.publish(pub, "r", 1)
+    await broker.unsubscribe("r")
+    for i in (2, 3, 4):
+        await service.publish(pub, "r", i)
+    await broker.subscribe("r")
+    history.gate = gate = asyncio.Event()
+    tasks = recovery.catch_up(rooms, history, ["r"])
+    await asyncio.sleep(0)  # The refill starts and waits at the gate.
+    joining = asyncio.ensure_future(service.join(new, "r", since=Since(first.offset,
+                                                                        first.epoch)))
+    await service.publish(pub, "r", 5)
+    for _ in range(5):  # Let the join get as far as it can while the refill is held.
+        await asyncio.sleep(0)
+    gate.set()
+    await asyncio.gather(*tasks, joining)
+    await service.publish(pub, "r", 6)
+    assert old.messages() == [1, 2, 3, 4, 5, 6]
+    assert new.messages() == [2, 3, 4, 5, 6]
+    await service.close()

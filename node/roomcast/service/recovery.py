@@ -99,7 +99,12 @@ async def join_with_replay(
     result, sends the replay and what queued, and makes ``conn`` a live member. On any failure
     the caller cleans up (the connection is still listed as joining).
     """
-    await rooms.join(room, conn, replaying=True)
+    state = await rooms.join(room, conn, replaying=True)
+    if state.refilled is not None:
+        # The room is refilling after a resubscribe: its messages up to now reach this node
+        # through the refill, after which the position below is past all of them (nothing is
+        # then delivered both in the replay and by the refill).
+        await state.refilled.wait()
     result = await history.read(room, since, None if since else 1)
     await enter()
     # From here to the end: no await, so no publication can slip between replay and live.
@@ -135,7 +140,7 @@ def catch_up(rooms: Rooms, history: History, names: Iterable[str]) -> list[async
         room = rooms.get(name)
         if room is None or room.backlog is not None:
             continue
-        room.backlog = []
+        room.backlog, room.refilled = [], asyncio.Event()
         tasks.append(asyncio.ensure_future(_refill(rooms, history, room)))
     return tasks
 
@@ -159,3 +164,6 @@ async def _refill(rooms: Rooms, history: History, room: Room) -> None:
         backlog, room.backlog = room.backlog or [], None
         for publication in [*missed, *backlog]:
             rooms.deliver(publication)
+        if room.refilled is not None:
+            room.refilled.set()
+            room.refilled = None

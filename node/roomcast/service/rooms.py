@@ -35,7 +35,7 @@ Encoder = Callable[[dict[str, Any]], bytes | None]
 class Room:
     """One room's local state: members grouped by codec, joiners still replaying, position."""
 
-    __slots__ = ("backlog", "members", "name", "pending", "position")
+    __slots__ = ("backlog", "members", "name", "pending", "position", "refilled")
 
     def __init__(self, name: str) -> None:
         self.name = name
@@ -47,6 +47,8 @@ class Room:
         # While not None, the room is refilling from history after a resubscribe
         # (recovery.catch_up): publications queue here and are delivered after the refill.
         self.backlog: list[Publication] | None = None
+        #: Set when that refill is over (joins wait for it before reading their position).
+        self.refilled: asyncio.Event | None = None
 
     def __len__(self) -> int:
         return sum(len(group) for group in self.members.values()) + len(self.pending)
