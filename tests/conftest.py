@@ -23,7 +23,8 @@ def redis_server() -> Iterator[RedisServer]:
 
 @pytest.fixture
 def start_node() -> Iterator[Callable[..., NodeProcess]]:
-    """Factory: start_node(redis_url=None, *flags, env=...) -> a started NodeProcess."""
+    """Factory: start_node(redis_url=None, *flags, env=..., faults=[...]) -> a started
+    NodeProcess (``faults``: names from tests/faults.py, injected from the harness side)."""
     nodes: list[NodeProcess] = []
 
     def start(redis_url: str | None = None, *args: str, **kwargs: object) -> NodeProcess:

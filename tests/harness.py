@@ -16,11 +16,13 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Awaitable, Callable
+import uuid
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed
 
 from roomcast.tools.procs import find_binary, free_port
 
@@ -89,16 +91,21 @@ class RedisServer:
 
 
 class NodeProcess:
-    """A real ``python -m node`` process; its JSON log lines are collected as they come."""
+    """A real ``python -m roomcast node`` process; its JSON log lines are collected as they come.
+
+    ``faults`` (names from tests/faults.py) start it through ``python -m tests.faults`` instead,
+    which wraps the product functions those faults are about before the node starts.
+    """
 
     def __init__(
         self, redis_url: str | None = None, *args: str, env: dict[str, str] | None = None,
-        node_id: str | None = None,
+        node_id: str | None = None, faults: Sequence[str] = (),
     ) -> None:
         self.args = list(args)
         self.redis_url = redis_url
         self.env = env or {}
         self.node_id = node_id
+        self.faults = list(faults)
         self.port = 0
         self.proc: subprocess.Popen[str] | None = None
         self.lines: list[dict[str, Any]] = []
@@ -106,7 +113,8 @@ class NodeProcess:
         self._started = threading.Event()
 
     def command(self) -> list[str]:
-        cmd = [sys.executable, "-m", "roomcast", "node", "--host", "127.0.0.1", "--port", "0",
+        launcher = ["tests.faults", *self.faults, "--"] if self.faults else ["roomcast", "node"]
+        cmd = [sys.executable, "-m", *launcher, "--host", "127.0.0.1", "--port", "0",
                "--log-format", "json", "--log-level", "info", *self.args]
         if self.redis_url:
             cmd += ["--redis-url", self.redis_url]
@@ -219,6 +227,17 @@ class Client:
             if message.get("type") == kind and all(message.get(k) == v for k, v in fields.items()):
                 return message
 
+    async def expect_any(self, kinds: Sequence[str], timeout: float = 5.0) -> dict[str, Any]:
+        """The next envelope whose ``type`` is one of ``kinds``, skipping others."""
+        deadline = time.monotonic() + timeout
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError(f"none of {kinds} within {timeout}s; saw {self.seen[-5:]}")
+            message = await self.recv(left)
+            if message.get("type") in kinds:
+                return message
+
     async def request(self, obj: dict[str, Any], timeout: float = 5.0) -> dict[str, Any]:
         """Send a request with an id and return the reply (or error) carrying that id."""
         await self.send(obj)
@@ -236,6 +255,19 @@ class Client:
         finally:
             self._backlog.extend(skipped)
 
+    async def until_closed(self, timeout: float = 10.0) -> list[dict[str, Any]]:
+        """Every envelope still to be read, up to the server's close (the barrier: nothing can
+        follow a close frame); fails if the connection is not closed within ``timeout``."""
+        messages = list(self._backlog)
+        self._backlog.clear()
+        with contextlib.suppress(ConnectionClosed):
+            async with asyncio.timeout(timeout):
+                async for raw in self.ws:
+                    message: dict[str, Any] = json.loads(raw)
+                    self.seen.append(message)
+                    messages.append(message)
+        return messages
+
     async def closed(self, timeout: float = 10.0) -> int | None:
         """Read until the server closes; return its close code."""
         with contextlib.suppress(Exception):
@@ -250,6 +282,25 @@ class Client:
     async def close(self) -> None:
         with contextlib.suppress(Exception):
             await asyncio.wait_for(self.ws.close(), 5)
+
+
+async def barrier(publisher: Client, room: str, *watchers: Client) -> dict[str, Any]:
+    """Publish a unique marker into ``room`` from ``publisher``; assert that the next message
+    each watcher receives is that marker, and return the marker's ``published`` ack.
+
+    The node delivers one publisher's messages to a room in the order they were published, so
+    whatever the publisher sent before the marker that was going to reach a watcher reaches it
+    before the marker: the marker proves that nothing more arrived, without waiting a fixed time.
+    """
+    marker = {"barrier": uuid.uuid4().hex}
+    ack = await publisher.request(
+        {"type": "publish", "room": room, "data": marker, "id": marker["barrier"]})
+    assert ack["type"] == "published", ack
+    for watcher in watchers:
+        message = await watcher.expect("message")
+        assert message["data"] == marker, f"arrived before the barrier marker: {message}"
+        assert message["offset"] == ack["offset"], message
+    return ack
 
 
 async def native(node: NodeProcess, user_id: str, username: str | None = None) -> Client:

@@ -47,7 +47,12 @@ async def test_fastapi_tutorial_flow_with_two_clients(node: NodeProcess) -> None
     assert typing == {"type": "typing", "user_id": "u2", "username": "Bob", "room_id": "lobby"}
     await bob.send({"type": "ping"})
     assert await bob.expect("pong") == {"type": "pong"}
+    # Barrier: bob's own next message in the room comes after his typing notice, had he got it.
+    await bob.send({"type": "message", "content": "after typing"})
+    for client in (alice, bob):
+        assert (await client.expect("message"))["content"] == "after typing"
     assert not [m for m in bob.seen if m["type"] == "typing"]
+    assert [m for m in alice.seen if m["type"] == "typing"] == [typing]
 
     await bob.close()
     left = await alice.expect("user_left", timeout=5)

@@ -8,11 +8,13 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable
+from datetime import datetime
+from typing import Any
 
 import pytest
 from websockets.exceptions import InvalidStatus
 
-from roomcast.transports.drain import batch_plan
+from roomcast.transports.drain import BATCH_INTERVAL, batch_plan
 from tests.harness import Client, NodeProcess, RedisServer, native, wait_for
 
 
@@ -22,6 +24,22 @@ def status(url: str) -> int:
             return int(reply.status)
     except urllib.error.HTTPError as exc:
         return exc.code
+
+
+def logged_at(line: dict[str, Any]) -> float:
+    """The node's own timestamp of a log line, in seconds."""
+    return datetime.fromisoformat(line["timestamp"]).timestamp()
+
+
+def batches(times: list[float], gap: float) -> list[list[float]]:
+    """``times`` (sorted) grouped into runs whose neighbours are less than ``gap`` apart."""
+    groups: list[list[float]] = []
+    for t in times:
+        if groups and t - groups[-1][-1] < gap:
+            groups[-1].append(t)
+        else:
+            groups.append([t])
+    return groups
 
 
 def test_batch_plan_spreads_closes_over_the_window() -> None:
@@ -69,9 +87,18 @@ async def test_drain_hands_clients_off_with_reconnect_and_1012(
     assert node.wait(timeout=delay + window + 10) == 0
     elapsed = time.monotonic() - started
     assert elapsed < delay + window + 5, f"drain took {elapsed:.1f}s"
+    # Paced, by the node's own clock: none before the delay, then batches across the window.
     closes = node.logged("connection closed")
-    close_times = sorted(line["timestamp"] for line in closes)
-    assert len(closes) == 20 and close_times[0] != close_times[-1]  # Not all at once.
+    assert [line["code"] for line in closes] == [1012] * 20
+    [drain_started] = node.logged("drain started")
+    close_times = sorted(logged_at(line) for line in closes)
+    assert close_times[0] - logged_at(drain_started) >= delay - 0.01  # Clock granularity.
+    span = close_times[-1] - close_times[0]
+    # The last batch is scheduled (len(plan) - 1) / len(plan) of the way into the window: 1.9 s.
+    assert span >= 0.75 * window, f"closes spread over {span:.2f}s of a {window}s window"
+    planned = len(batch_plan(20, window))  # 20 batches of one, BATCH_INTERVAL apart.
+    runs = batches(close_times, gap=BATCH_INTERVAL / 2)
+    assert len(runs) >= planned // 2, [len(run) for run in runs]
     reader = await native(other, "reader")
     members = await reader.request({"type": "presence", "room": "d", "id": 3})
     assert members["count"] == 0

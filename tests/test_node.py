@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable
@@ -12,7 +13,8 @@ from typing import Any
 import pytest
 from websockets.exceptions import InvalidStatus
 
-from tests.harness import Client, NodeProcess, native, wait_for
+from tests.faults import CRASH_DATA
+from tests.harness import Client, NodeProcess, barrier, native, wait_for
 
 
 def http_get(url: str) -> tuple[int, bytes, str]:
@@ -43,17 +45,21 @@ async def test_publish_reaches_every_member_once_in_order(node: NodeProcess) -> 
     message = bob.seen[-1]
     assert message["from"] == {"user_id": "alice", "username": "alice"}
     assert message["offset"] == 50 and isinstance(message["epoch"], str)
-    with pytest.raises(TimeoutError):  # No 51st copy.
-        await bob.expect("message", timeout=0.3)
+    # No 51st copy: the next message either of them gets is a marker alice published after.
+    ack = await barrier(alice, "general", alice, bob)
+    assert ack["offset"] == 51
 
 
 async def test_publish_with_id_is_acknowledged_with_offset(node: NodeProcess) -> None:
     """A publish carrying an id gets 'published' with the offset it was given."""
     alice = await native(node, "alice")
-    ack = await alice.request({"type": "publish", "room": "r1", "data": 1, "id": 7})
-    assert ack["type"] == "published" and ack["offset"] == 1 and ack["room"] == "r1"
-    ack = await alice.request({"type": "publish", "room": "r1", "data": 2, "id": 8})
-    assert ack["offset"] == 2 and ack["epoch"] == ack["epoch"]
+    first = await alice.request({"type": "publish", "room": "r1", "data": 1, "id": 7})
+    assert first["type"] == "published" and first["id"] == 7 and first["room"] == "r1"
+    assert first["offset"] == 1
+    assert isinstance(first["epoch"], str) and first["epoch"]
+    second = await alice.request({"type": "publish", "room": "r1", "data": 2, "id": 8})
+    assert second["type"] == "published" and second["id"] == 8 and second["room"] == "r1"
+    assert second["offset"] == 2 and second["epoch"] == first["epoch"]
 
 
 async def test_leave_stops_delivery(node: NodeProcess) -> None:
@@ -62,11 +68,15 @@ async def test_leave_stops_delivery(node: NodeProcess) -> None:
     await bob.request({"type": "join", "room": "r", "id": 1})
     left = await bob.request({"type": "leave", "room": "r", "id": 2})
     assert left == {"type": "left", "room": "r", "id": 2}
-    await alice.request({"type": "publish", "room": "r", "data": "x", "id": 3})
-    with pytest.raises(TimeoutError):
-        await bob.expect("message", timeout=0.3)
+    ack = await alice.request({"type": "publish", "room": "r", "data": "x", "id": 3})
+    assert ack["offset"] == 1
     again = await bob.request({"type": "leave", "room": "r", "id": 4})
     assert again["type"] == "error" and again["code"] == "not_joined"
+    # Barrier: bob joins again after "x" (the room's position says so) and alice publishes a
+    # marker; a copy of "x" sent to bob would have reached him before it.
+    rejoined = await bob.request({"type": "join", "room": "r", "id": 5})
+    assert rejoined["type"] == "joined" and rejoined["offset"] == 1
+    await barrier(alice, "r", bob)
 
 
 async def test_typing_goes_to_the_others_only(node: NodeProcess) -> None:
@@ -79,7 +89,10 @@ async def test_typing_goes_to_the_others_only(node: NodeProcess) -> None:
     assert typing["from"]["user_id"] == "alice" and typing["room"] == "r"
     pong = await alice.request({"type": "ping", "id": "p"})
     assert pong == {"type": "pong", "id": "p"}
+    # Barrier: alice's own marker in the room comes after her typing notice, had she got it.
+    await barrier(alice, "r", alice, bob)
     assert not [m for m in alice.seen if m["type"] == "typing"]
+    assert [m["type"] for m in bob.seen if m["type"] == "typing"] == ["typing"]
 
 
 @pytest.mark.parametrize(
@@ -116,8 +129,9 @@ async def test_binary_frames_are_refused_with_an_error(node: NodeProcess) -> Non
     await alice.send(b'{"type": "publish", "room": "r", "data": 1}')
     error = await alice.expect("error")
     assert error["code"] == "bad_request" and "binary" in error["message"]
-    with pytest.raises(TimeoutError):
-        await bob.expect("message", timeout=0.3)
+    # Barrier: alice's next (text) publish is the room's first message and bob's next one.
+    ack = await barrier(alice, "r", bob)
+    assert ack["offset"] == 1
 
 
 async def test_oversized_frame_closes_with_1009(start_node: Callable[..., NodeProcess]) -> None:
@@ -140,20 +154,19 @@ async def test_rate_limit_then_flood_close(start_node: Callable[..., NodeProcess
             await flooder.send({"type": "ping", "id": i})
         except Exception:
             break
-    pongs = errors = 0
-    while True:
-        try:
-            message = await flooder.recv(timeout=5)
-        except Exception:
-            break
-        if message["type"] == "pong":
-            pongs += 1
-        elif message["type"] == "error":
-            assert message["code"] == "rate_limited" and message["retry_after_ms"] > 0
-            errors += 1
-    assert pongs == 5, "the burst is served"
-    assert errors == 9, "refusals until the flood limit, each one answered"
+    # Everything the node sent before its close frame (nothing can follow it). The connection
+    # only ends after the node's --close-timeout (5 s): the frames it never reads fill its
+    # receive queue, so it does not read the client's closing reply either.
+    replies = await flooder.until_closed(timeout=15)
+    assert [m["id"] for m in replies] == list(range(14)), "each frame answered, in order"
+    assert [m["type"] for m in replies[:5]] == ["pong"] * 5, "the burst is served"
+    errors = replies[5:]
+    assert len(errors) == 9, "refusals until the flood limit"
+    for error in errors:
+        assert error["type"] == "error" and error["code"] == "rate_limited"
+        assert error["retry_after_ms"] > 0
     assert await flooder.closed() == 1008
+    assert flooder.ws.close_reason == "rate limit exceeded"
     assert (await bystander.request({"type": "ping", "id": "ok"}))["type"] == "pong"
 
 
@@ -172,27 +185,41 @@ async def test_handler_crash_closes_only_that_connection(
     start_node: Callable[..., NodeProcess],
 ) -> None:
     """A crash in a handler closes that connection with 1011, logs the traceback, hides it."""
-    node = start_node(None, env={"ROOMCAST_FAILPOINTS": "crash_on_data"})
+    # The fault is injected by the harness (tests/faults.py wraps Service.publish), not the node.
+    node = start_node(None, faults=["crash_on_data"])
     victim, other = await native(node, "victim"), await native(node, "other")
     await other.request({"type": "join", "room": "r", "id": 1})
-    await victim.send({"type": "publish", "room": "r", "data": "__crash__"})
+    await victim.send({"type": "publish", "room": "r", "data": CRASH_DATA})
     assert await victim.closed() == 1011
     assert victim.ws.close_reason == "internal error"
-    assert all("failpoint" not in json.dumps(m) for m in victim.seen)
+    for text in ("RuntimeError", "injected fault", "crash_on_data", "Traceback"):
+        assert all(text not in json.dumps(m) for m in victim.seen), (text, victim.seen)
+        assert text not in victim.ws.close_reason
     ack = await other.request({"type": "publish", "room": "r", "data": "fine", "id": 2})
-    assert ack["type"] == "published"
+    assert ack["type"] == "published" and ack["offset"] == 1
+    assert (await other.expect("message"))["data"] == "fine"
     await wait_for(lambda: node.logged("handler crashed"), what="crash log")
-    assert "RuntimeError: failpoint crash_on_data" in node.logged("handler crashed")[0]["exception"]
+    [crash] = node.logged("handler crashed")
+    assert "Traceback" in crash["exception"]
+    assert "RuntimeError: injected fault crash_on_data" in crash["exception"]
 
 
 async def test_dead_peer_is_dropped_by_keepalive(start_node: Callable[..., NodeProcess]) -> None:
-    """A client that stops answering pings is dropped within ping interval + timeout."""
-    node = start_node(None, "--ping-interval", "0.2", "--ping-timeout", "0.3")
+    """A client that stops answering pings is dropped within ping interval + ping timeout +
+    close timeout (the closing handshake it is still offered)."""
+    interval, timeout, close_timeout = 0.2, 0.3, 0.5
+    node = start_node(None, "--ping-interval", str(interval), "--ping-timeout", str(timeout),
+                      "--close-timeout", str(close_timeout))
     silent = await Client.open(node.ws("/ws?user_id=silent"), ping_interval=None)
+    await silent.expect("welcome")
+    assert http_json(f"{node.http}/api/stats")["connections"] == 1
     # Stop reading: the client's transport is paused, so pongs are never sent.
     silent.ws.transport.pause_reading()
+    paused = time.monotonic()
     await wait_for(lambda: http_json(f"{node.http}/api/stats")["connections"] == 0,
                    timeout=10, what="dead peer dropped")
+    dropped_after = time.monotonic() - paused
+    assert dropped_after < interval + timeout + close_timeout + 1.0, dropped_after
 
 
 def test_http_routes(node: NodeProcess) -> None:
@@ -230,13 +257,21 @@ async def test_upgrade_on_unknown_path_is_refused(node: NodeProcess) -> None:
     assert refused.value.response.status_code == 404
 
 
-async def test_sigterm_closes_clients_and_exits_zero(node: NodeProcess) -> None:
-    """SIGTERM closes every client cleanly and the process exits 0."""
+async def test_sigterm_closes_clients_and_exits_zero(
+    start_node: Callable[..., NodeProcess],
+) -> None:
+    """SIGTERM drains: every client gets a 'reconnect' hint then close 1012 'service restart',
+    and the process exits 0."""
+    # A short drain (the defaults wait 5 s, then spread the closes over 10 s).
+    node = start_node(None, "--drain-delay", "0.2", "--drain-window", "0.2")
     clients = [await native(node, f"u{i}") for i in range(3)]
-    node.stop()
+    stopping = asyncio.ensure_future(asyncio.to_thread(node.stop))  # SIGTERM, wait for exit.
+    hints = await asyncio.gather(*(c.expect("reconnect") for c in clients))
+    assert all(hint["rooms"] == {} for hint in hints), hints
     codes = await asyncio.gather(*(c.closed() for c in clients))
-    assert all(code in (1001, 1012) for code in codes), codes
-    assert node.proc is not None and node.proc.returncode == 0
+    assert codes == [1012, 1012, 1012]
+    assert [c.ws.close_reason for c in clients] == ["service restart"] * 3
+    assert await stopping == 0
 
 
 async def test_slow_consumer_is_closed_and_others_get_everything(

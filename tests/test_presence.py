@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-import contextlib
+import asyncio
 import json
+import signal
 import time
 import urllib.request
 from collections.abc import Callable
@@ -15,6 +16,20 @@ from tests.harness import Client, NodeProcess, RedisServer, native, wait_for
 def get(node: NodeProcess, path: str) -> Any:
     with urllib.request.urlopen(f"{node.http}{path}", timeout=5) as reply:
         return json.loads(reply.read())
+
+
+PRESENCE_EVENTS = ("user_joined", "user_left")
+
+
+async def next_presence_event(client: Client, timeout: float) -> tuple[str, str]:
+    """(type, user_id) of the next user_joined/user_left the client receives; bounded."""
+    event = await client.expect_any(PRESENCE_EVENTS, timeout=timeout)
+    return event["type"], event["user_id"]
+
+
+def presence_events(client: Client) -> list[tuple[str, str]]:
+    """Every user_joined/user_left the client has received, in order."""
+    return [(m["type"], m["user_id"]) for m in client.seen if m["type"] in PRESENCE_EVENTS]
 
 
 def two_nodes(start_node: Callable[..., NodeProcess], redis: RedisServer,
@@ -53,18 +68,24 @@ async def test_user_joined_once_per_user_across_connections(
     a, b = two_nodes(start_node, redis_server)
     watcher = await native(a, "watcher")
     await watcher.request({"type": "join", "room": "r", "id": 1})
+    erin = await native(a, "erin")  # The barrier: she leaves after carol has left.
+    await erin.request({"type": "join", "room": "r", "id": 1})
+    assert await next_presence_event(watcher, timeout=5) == ("user_joined", "erin")
     tab1, tab2 = await native(a, "carol"), await native(b, "carol")
     await tab1.request({"type": "join", "room": "r", "id": 1})
     await tab2.request({"type": "join", "room": "r", "id": 1})
-    joined = await watcher.expect("user_joined")
-    assert joined["user_id"] == "carol"
+    assert await next_presence_event(watcher, timeout=5) == ("user_joined", "carol")
     await tab1.close()
     await watcher.request({"type": "ping", "id": "sync"})
     await tab2.close()
-    left = await watcher.expect("user_left", timeout=5)
-    assert left["user_id"] == "carol"
-    events = [m["type"] for m in watcher.seen if m["type"] in ("user_joined", "user_left")]
-    assert events == ["user_joined", "user_left"]
+    assert await next_presence_event(watcher, timeout=5) == ("user_left", "carol")
+    # Every user_left is due a grace window after its user's last connection went: erin's, due
+    # after carol's, comes after any other carol event that was on its way.
+    await erin.close()
+    assert await next_presence_event(watcher, timeout=5) == ("user_left", "erin")
+    assert presence_events(watcher) == [
+        ("user_joined", "erin"), ("user_joined", "carol"), ("user_left", "carol"),
+        ("user_left", "erin")]
 
 
 async def test_killed_node_vanishes_within_ten_seconds(
@@ -98,11 +119,14 @@ async def test_clean_shutdown_removes_entries_at_once(
     redis_server: RedisServer, start_node: Callable[..., NodeProcess]
 ) -> None:
     """A node stopped with SIGTERM has removed its presence entries by the time it exits."""
-    a, b = two_nodes(start_node, redis_server)
+    flags = ("--presence-grace", "0.5", "--rate-burst", "500")
+    a = start_node(redis_server.url, *flags)
+    b = start_node(redis_server.url, *flags, "--drain-delay", "0", "--drain-window", "0.1")
     alice, bob = await native(a, "alice"), await native(b, "bob")
     await alice.request({"type": "join", "room": "r", "id": 1})
     await bob.request({"type": "join", "room": "r", "id": 1})
-    assert b.stop() == 0
+    assert await asyncio.to_thread(b.stop) == 0  # SIGTERM; bob answers the closing handshake.
+    assert await bob.closed() == 1012
     members = get(a, "/api/rooms/r/members")["members"]
     assert [m["user_id"] for m in members] == ["alice"]
     assert b.node_id not in get(a, "/api/stats")["cluster"]["nodes"]
@@ -116,22 +140,24 @@ async def test_reconnect_within_grace_does_not_flap(
     a, b = two_nodes(start_node, redis_server, grace="3")
     watcher = await native(a, "watcher")
     await watcher.request({"type": "join", "room": "r", "id": 1})
+    erin = await native(a, "erin")  # The barrier: she leaves after dave came back.
+    await erin.request({"type": "join", "room": "r", "id": 1})
+    assert await next_presence_event(watcher, timeout=5) == ("user_joined", "erin")
     dave = await native(a, "dave")
     await dave.request({"type": "join", "room": "r", "id": 1})
-    await watcher.expect("user_joined", user_id="dave")
+    assert await next_presence_event(watcher, timeout=5) == ("user_joined", "dave")
     await dave.close()
     dave = await native(b, "dave")
     await dave.request({"type": "join", "room": "r", "id": 1})
-    # Watch past the end of the grace window, with dave present: no event may come.
-    deadline = time.monotonic() + 4
-    while time.monotonic() < deadline:
-        try:
-            event = await watcher.recv(timeout=deadline - time.monotonic())
-        except TimeoutError:
-            break
-        assert event["type"] not in ("user_left", "user_joined"), event
+    # erin's user_left is due one grace window after she went, i.e. after the end of the window
+    # dave's drop opened (both decided by a's clock): a flap for dave would come before it.
+    await erin.close()
+    assert await next_presence_event(watcher, timeout=8) == ("user_left", "erin")
     await dave.close()
-    assert (await watcher.expect("user_left", timeout=8))["user_id"] == "dave"
+    assert await next_presence_event(watcher, timeout=8) == ("user_left", "dave")
+    assert presence_events(watcher) == [
+        ("user_joined", "erin"), ("user_joined", "dave"), ("user_left", "erin"),
+        ("user_left", "dave")]
 
 
 async def test_nick_taken_across_nodes(
@@ -207,30 +233,38 @@ async def test_redis_stall_longer_than_the_lease_reaps_no_live_node(
     redis_server: RedisServer, start_node: Callable[..., NodeProcess]
 ) -> None:
     """Redis frozen (SIGSTOP) for longer than the node lease: once it answers again, no live
-    node is reaped and nobody gets a false user_left."""
-    import signal
-
+    node is reaped and nobody gets a false user_left; a node that really died meanwhile is."""
     flags = ("--node-lease-ttl", "2", "--presence-grace", "0.5")
     a, b = start_node(redis_server.url, *flags), start_node(redis_server.url, *flags)
+    # The barrier: c dies during the stall, so the reap pass that would wrongly take a live node
+    # (its lease lapsed just like c's) is the one that rightly takes c.
+    c = start_node(redis_server.url, *flags)
     watcher, other = await native(a, "watcher"), await native(b, "other")
+    doomed, erin = await native(c, "doomed"), await native(a, "erin")
     await watcher.request({"type": "join", "room": "r", "id": 1})
-    await other.request({"type": "join", "room": "r", "id": 1})
+    for user in (other, doomed, erin):
+        await user.request({"type": "join", "room": "r", "id": 1})
+    for name in ("other", "doomed", "erin"):
+        assert await next_presence_event(watcher, timeout=5) == ("user_joined", name)
     assert redis_server.proc is not None
     redis_server.proc.send_signal(signal.SIGSTOP)
     try:
-        # Longer than the lease (2 s) and the command timeout (5 s): refreshes fail, not wait.
-        deadline = time.monotonic() + 7
-        while time.monotonic() < deadline:
-            with contextlib.suppress(TimeoutError):
-                await watcher.recv(timeout=deadline - time.monotonic())
+        c.kill()
+        # The fault's length, not a synchronisation: longer than the lease (2 s) and the command
+        # timeout (5 s), so that refreshes fail rather than wait and every lease lapses.
+        await asyncio.sleep(7)
     finally:
         redis_server.proc.send_signal(signal.SIGCONT)
-    # Watch through several lease periods after Redis is back.
-    deadline = time.monotonic() + 5
-    while time.monotonic() < deadline:
-        with contextlib.suppress(TimeoutError):
-            event = await watcher.recv(timeout=deadline - time.monotonic())
-            assert event["type"] != "user_left", event
-    assert not a.logged("reaped dead node") and not b.logged("reaped dead node")
+    assert await next_presence_event(watcher, timeout=15) == ("user_left", "doomed")
+    # A user_left that pass scheduled for a live node's user is due no later than erin's.
+    await erin.close()
+    assert await next_presence_event(watcher, timeout=5) == ("user_left", "erin")
+    assert presence_events(watcher) == [
+        ("user_joined", "other"), ("user_joined", "doomed"), ("user_joined", "erin"),
+        ("user_left", "doomed"), ("user_left", "erin")]
+    reaped = [line["dead_node"] for node in (a, b) for line in node.logged("reaped dead node")]
+    assert reaped == [c.node_id]
+    assert set(get(a, "/api/stats")["cluster"]["nodes"]) == {a.node_id, b.node_id}
     reply = await watcher.request({"type": "presence", "room": "r", "id": 2})
     assert reply["count"] == 2
+    assert {m["user_id"] for m in reply["members"]} == {"watcher", "other"}

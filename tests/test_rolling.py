@@ -87,6 +87,8 @@ class Load:
         for room in ROOMS:
             history = await self.publisher.history(room, limit=1)
             finals[room] = history[-1]["offset"] if history else 0
+        # A bounded poll for a positive condition; a shortfall is reported, message by message,
+        # by assert_exactly_once_in_order.
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
             if all(self.received[i] and self.received[i][-1] >= finals[room]
@@ -123,7 +125,8 @@ async def test_rolling_restart_under_load_loses_nothing(cluster: LocalCluster) -
     load = Load(cluster.ws_url)
     await load.start()
     try:
-        await asyncio.sleep(1.0)  # Let traffic flow before the first node goes.
+        # Pacing, not a synchronisation: let traffic flow before the first node goes.
+        await asyncio.sleep(1.0)
         progress: list[str] = []
         old_nodes = list(cluster.nodes)
         started = time.monotonic()
@@ -137,7 +140,8 @@ async def test_rolling_restart_under_load_loses_nothing(cluster: LocalCluster) -
     assert sum(finals.values()) >= 0.8 * RATE * restart_seconds
     assert sum(c.failed_connects for _, c in load.subscribers.values()) == 0
     assert load.publisher.failed_connects == 0
-    assert sum(c.reconnects for _, c in load.subscribers.values()) >= SUBSCRIBERS  # All moved.
+    # All moved: every node was replaced, so every subscriber reconnected at least once.
+    assert all(c.reconnects >= 1 for _, c in load.subscribers.values())
     drains = [line for line in progress if "exited with 0 after" in line]
     assert len(drains) == 3, progress
     for line in drains:
@@ -162,13 +166,22 @@ async def test_kill_9_under_load_recovers_everything(cluster: LocalCluster) -> N
     load = Load(cluster.ws_url)
     await load.start()
     try:
+        # Pacing, not a synchronisation: let traffic flow before the kill.
         await asyncio.sleep(1.5)
+        killed = cluster.nodes[0].node_id
+        victims = {i for i, (_, c) in load.subscribers.items() if c.node_id == killed}
         cluster.kill_node(0)
-        await asyncio.sleep(4.0)  # Keep publishing while the victims come back.
+        # Pacing, not a synchronisation: keep publishing while the victims come back.
+        await asyncio.sleep(4.0)
         finals = await load.finish()
     finally:
         await load.close()
     assert_exactly_once_in_order(load, finals)
-    moved = sum(c.reconnects for _, c in load.subscribers.values())
-    print(f"\nkill -9: {moved} subscribers reconnected, {sum(finals.values())} messages, 0 lost")
-    assert moved >= SUBSCRIBERS // 6  # least_conn put about a third on the killed node.
+    moved = {i for i, (_, c) in load.subscribers.items() if c.reconnects}
+    print(f"\nkill -9: {len(moved)} subscribers reconnected, {sum(finals.values())} messages, "
+          "0 lost")
+    # Exactly the killed node's subscribers moved, each once, to a surviving node.
+    assert moved == victims
+    assert all(load.subscribers[i][1].reconnects == 1 for i in victims)
+    assert all(load.subscribers[i][1].node_id != killed for i in victims)
+    assert len(victims) >= SUBSCRIBERS // 6  # least_conn put about a third on the killed node.

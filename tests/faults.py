@@ -1,0 +1,56 @@
+"""Fault injection from the test side: run a node with one product function wrapped.
+
+    python -m tests.faults FAULT [FAULT ...] -- [roomcast node flags]
+
+The product carries no test-only code: a fault is installed here, in the node's process, before
+``roomcast.cli.main`` starts the node, by wrapping the product function it is about. The harness
+starts a node this way with ``NodeProcess(..., faults=[...])`` (the working directory is the
+repository root, so ``tests`` is importable).
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from roomcast import cli
+from roomcast.service.connection import Connection
+from roomcast.service.service import Service
+
+#: The data of a publish that makes ``crash_on_data`` raise inside the handler.
+CRASH_DATA = "__crash__"
+
+
+def crash_on_data() -> None:
+    """A publish whose data is ``"__crash__"`` raises RuntimeError inside the connection's handler
+    (an unexpected bug, not a ProtocolError); every other publish is served as usual."""
+    original = Service.publish
+
+    async def publish(self: Service, conn: Connection, room: str, data: Any) -> Any:
+        if data == CRASH_DATA:
+            raise RuntimeError("injected fault crash_on_data")
+        return await original(self, conn, room, data)
+
+    Service.publish = publish  # type: ignore[method-assign]
+
+
+FAULTS: dict[str, Callable[[], None]] = {"crash_on_data": crash_on_data}
+
+
+def main(argv: Sequence[str]) -> None:
+    """Install the faults named before ``--``, then run ``roomcast node`` with the rest."""
+    args = list(argv)
+    split = args.index("--") if "--" in args else len(args)
+    names, node_args = args[:split], args[split + 1:]
+    unknown = [name for name in names if name not in FAULTS]
+    if not names or unknown:
+        sys.exit(f"tests.faults: unknown or missing fault {unknown or names}; "
+                 f"known: {', '.join(FAULTS)}")
+    for name in names:
+        FAULTS[name]()
+    cli.main(["node", *node_args])
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
