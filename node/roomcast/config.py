@@ -51,6 +51,10 @@ class Config:
         "(the client then gets 'unavailable'); also the start-up wait for Redis."
     )
     redis_connect_timeout: float = _opt(2.0, "Seconds to open a connection to Redis.")
+    redis_pool_size: int = _opt(
+        64, "Connections a node opens to Redis for commands; a request waits (up to "
+        "--redis-timeout) for a free one instead of failing."
+    )
     redis_retry_max: float = _opt(
         5.0, "Longest pause between reconnect attempts to Redis (full jitter, doubling from "
         "0.1 s)."
@@ -94,6 +98,14 @@ class Config:
     history_ttl: float = _opt(
         86400.0, "Seconds a room's history lives after its last publication; 0 = no expiry."
     )
+    idle_room_ttl: float = _opt(
+        300.0, "Seconds the state of a room that was only read or joined, never published to, "
+        "is kept (memory and Redis); a publication extends it to --history-ttl."
+    )
+    max_reply_size: int = _opt(
+        1048576, "Bytes of messages in one history reply; a longer history comes in pages "
+        "(the reply says more: true)."
+    )
     tutorial_room: str = _opt("chat", "Room of the python-websockets tutorial dialect on '/'.")
     max_nick_length: int = _opt(20, "Nicknames are stripped and cut to this many characters.")
     max_chat_length: int = _opt(500, "Tutorial-dialect chat text is cut to this many characters.")
@@ -129,6 +141,8 @@ class Config:
             ("max_rooms_per_connection", self.max_rooms_per_connection >= 1,
              "must be at least 1"),
             ("history_size", self.history_size >= 0, "must be 0 or more"),
+            ("redis_pool_size", self.redis_pool_size >= 2, "must be at least 2"),
+            ("max_reply_size", self.max_reply_size >= 1024, "must be at least 1024 bytes"),
             ("max_nick_length", self.max_nick_length >= 1, "must be at least 1"),
             ("max_chat_length", self.max_chat_length >= 1, "must be at least 1"),
             ("log_format", self.log_format in ("auto", "json", "console"),
@@ -143,7 +157,7 @@ class Config:
         ]
         # NaN passes every comparison's negation, so finiteness is checked first.
         positive = ("rate_limit", "node_lease_ttl", "redis_timeout", "redis_connect_timeout",
-                    "redis_retry_max", "close_timeout")
+                    "redis_retry_max", "close_timeout", "idle_room_ttl")
         non_negative = ("ping_interval", "ping_timeout", "unsubscribe_linger",
                         "presence_grace", "history_ttl", "drain_delay", "drain_window")
         for name in positive:

@@ -38,6 +38,17 @@ class Metrics:
             "Publish time to the moment this node queued the frame to its members",
             buckets=LATENCY_BUCKETS, registry=r,
         )
+        self.gaps = Counter(
+            "roomcast_gaps",
+            "Stored publications missing on this node (offset skipped or subscription lost): "
+            "refilled from history, or lost and the members told (gap event)",
+            ["outcome"], registry=r,
+        )
+        self.resubscribes = Counter(
+            "roomcast_pubsub_resubscribes",
+            "Times the Redis pub/sub connection was made again and every room resubscribed",
+            registry=r,
+        )
         self.broker_up = Gauge(
             "roomcast_broker_up", "1 while the fan-out backend is reachable", registry=r
         )

@@ -253,10 +253,9 @@ async def test_refill_after_resubscribe_delivers_the_gap_before_newer_messages(
     assert [m["offset"] for m in sub.sent if m["type"] == "message"] == [1, 2, 3, 4, 5, 6]
 
 
-async def test_refill_that_history_cannot_serve_delivers_what_it_can_and_goes_on() -> None:
-    """When history no longer holds the gap, the refill delivers nothing of it and live delivery
-    resumes in order, nothing twice. (Telling the members is the reliability issue's work; today
-    the node logs it.)"""
+async def test_a_gap_history_cannot_serve_is_told_to_the_members() -> None:
+    """When history no longer holds the gap, members get a gap event (recovered false, the
+    position they jump to) before the next message; nothing twice, nothing silently missing."""
     node = Node(history_size=2)
     await node.service.start()
     pub, sub = node.conn("pub"), node.conn("sub")
@@ -268,8 +267,62 @@ async def test_refill_that_history_cannot_serve_delivers_what_it_can_and_goes_on
     await node.broker.subscribe("r")
     await asyncio.gather(*recovery.catch_up(node.rooms, node.history, ["r"]))
     await node.service.publish(pub, "r", 7)
-    assert sub.messages() == [1, 7]
+    events = [(m["type"], m.get("data", m.get("offset"))) for m in sub.sent
+              if m["type"] in ("message", "gap")]
+    assert events == [("message", 1), ("gap", 6), ("message", 7)]
+    gap = next(m for m in sub.sent if m["type"] == "gap")
+    assert gap == {"type": "gap", "room": "r", "recovered": False, "offset": 6,
+                   "epoch": sub.sent[-1]["epoch"]}
     await node.service.close()
+
+
+async def test_a_skipped_offset_on_the_live_stream_is_refilled(node: Node) -> None:
+    """A publication whose offset skips past the room's position (the node missed some while
+    subscribed elsewhere, or Redis dropped them) is held until the missing ones come from
+    history: members get every message once, in order, with no resubscribe report."""
+    pub, sub = node.conn("pub"), node.conn("sub")
+    await node.service.join(sub, "r")
+    await node.service.publish(pub, "r", 1)
+    await node.broker.unsubscribe("r")
+    for i in (2, 3):
+        await node.service.publish(pub, "r", i)
+    await node.broker.subscribe("r")  # Silently: nobody reports this resubscribe.
+    await node.service.publish(pub, "r", 4)  # Offset 4 after 1: a gap, seen on arrival.
+    room = node.rooms.get("r")
+    assert room is not None and room.refilled is not None
+    await room.refilled.wait()
+    await node.service.publish(pub, "r", 5)
+    assert sub.messages() == [1, 2, 3, 4, 5]
+
+
+async def test_a_new_epoch_that_skips_its_start_is_refilled_and_the_old_tail_told() -> None:
+    """History lost and restarted (a new epoch) while this node missed its first messages: the
+    members are told the old epoch may have lost messages, then get the new epoch from 1."""
+    now = [0.0]
+    history = MemoryHistory(100, 10.0, clock=lambda: now[0])
+    broker = MemoryBroker(history)
+    rooms = Rooms(broker, DirectFanout(), Metrics(), 0.0, dialects.ENCODERS)
+    service = Service(Config(node_id="n1"), Backends(broker, history, MemoryPresence("n1", 0.05)),
+                      rooms, Metrics())
+    await service.start()
+    pub, sub = Conn("p", Identity("p", "P")), Conn("s", Identity("s", "S"))
+    await service.join(sub, "r")
+    old = await service.publish(pub, "r", "old")
+    await broker.unsubscribe("r")
+    now[0] = 60.0  # Past the TTL: the room's history is gone; a new epoch starts.
+    for data in ("new1", "new2"):
+        await service.publish(pub, "r", data)
+    await broker.subscribe("r")
+    await service.publish(pub, "r", "new3")
+    room = rooms.get("r")
+    assert room is not None and room.refilled is not None
+    await room.refilled.wait()
+    kinds = [(m["type"], m.get("data")) for m in sub.sent if m["type"] in ("message", "gap")]
+    assert kinds == [("message", "old"), ("gap", None), ("message", "new1"),
+                     ("message", "new2"), ("message", "new3")]
+    gap = next(m for m in sub.sent if m["type"] == "gap")
+    assert gap["offset"] == 0 and gap["epoch"] != old.epoch
+    await service.close()
 
 
 async def test_drain_positions_leave_out_rooms_still_replaying(node: Node) -> None:

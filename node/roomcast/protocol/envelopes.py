@@ -288,6 +288,13 @@ def event(kind: str, room: str, **fields: Any) -> bytes:
     return orjson.dumps({"type": kind, "room": room, **fields})
 
 
+def gap(room: str, offset: int, epoch: str) -> bytes:
+    """Messages of the room before ``offset + 1`` (in ``epoch``) may never reach this member:
+    the node lost them and history no longer has them. What follows continues from there."""
+    return orjson.dumps({"type": "gap", "room": room, "recovered": False, "offset": offset,
+                         "epoch": epoch})
+
+
 def reconnect(retry_after_ms: int, rooms: dict[str, dict[str, Any]]) -> bytes:
     """The drain hint sent just before a 1012 close."""
     return orjson.dumps({"type": "reconnect", "retry_after_ms": retry_after_ms, "rooms": rooms})

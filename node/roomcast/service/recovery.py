@@ -54,6 +54,16 @@ class Position:
         self.offset, self.epoch = publication.offset, publication.epoch
         return True
 
+    def skips_to(self, publication: Publication) -> bool:
+        """True when stored publications are missing between this position and
+        ``publication``: an offset skipped in the same epoch, or a new epoch that does not
+        start at offset 1. Unknown (never set) positions skip nothing."""
+        if not publication.offset or not self.epoch:
+            return False
+        if publication.epoch == self.epoch:
+            return publication.offset > self.offset + 1
+        return publication.offset > 1
+
 
 def splice(
     stored: HistoryResult, replay: bool, queued: Iterable[Publication], receiver: str = ""
@@ -106,6 +116,9 @@ async def join_with_replay(
         # then delivered both in the replay and by the refill).
         await state.refilled.wait()
     result = await history.read(room, since, None if since else 1)
+    if not state.position.epoch:
+        # Nothing stored was delivered here yet: from now on, a skip past this is a gap.
+        state.position = Position(result.offset, result.epoch)
     await enter()
     # From here to the end: no await, so no publication can slip between replay and live.
     reply(result)
@@ -138,30 +151,69 @@ def catch_up(rooms: Rooms, history: History, names: Iterable[str]) -> list[async
     tasks = []
     for name in names:
         room = rooms.get(name)
-        if room is None or room.backlog is not None:
-            continue
-        room.backlog, room.refilled = [], asyncio.Event()
-        tasks.append(asyncio.ensure_future(_refill(rooms, history, room)))
+        if room is not None:
+            task = begin_refill(rooms, history, room)
+            if task is not None:
+                tasks.append(task)
     return tasks
 
 
+def begin_refill(
+    rooms: Rooms, history: History, room: Room, first: Publication | None = None
+) -> asyncio.Task[None] | None:
+    """Queue the room's publications from now on (``first`` included) and fetch what this node
+    missed since its position; None when a refill is already running (it covers this one)."""
+    if room.backlog is not None:
+        if first is not None:
+            room.backlog.append(first)
+        return None
+    room.backlog, room.refilled = ([first] if first is not None else []), asyncio.Event()
+    return asyncio.ensure_future(_refill(rooms, history, room))
+
+
 async def _refill(rooms: Rooms, history: History, room: Room) -> None:
-    since = Since(room.position.offset, room.position.epoch) if room.position.epoch else None
+    position = Position(room.position.offset, room.position.epoch)
     missed: list[Publication] = []
+    #: Set when some messages cannot be delivered: the position the members jump to.
+    lost: Position | None = None
     try:
-        if since is not None:
+        if position.epoch:
+            since = Since(position.offset, position.epoch)
             stored = await history.read(room.name, since)
             if stored.recovered:
                 missed = stored_publications(room.name, since, stored)
             else:
-                log.warning("messages published during the outage are no longer in history",
-                            room=room.name, since=since.offset, offset=stored.offset)
+                # History no longer has the gap. What it holds of the current epoch from its
+                # first offset can still be delivered (a Redis that lost its data and started a
+                # new epoch); the rest is lost, and the members are told so, explicitly.
+                start = Since(0, stored.epoch)
+                current = await history.read(room.name, start)
+                if current.recovered and current.messages:
+                    missed = stored_publications(room.name, start, current)
+                    lost = Position(0, stored.epoch)
+                else:
+                    lost = Position(stored.offset, stored.epoch)
     except BrokerUnavailable:
-        log.warning("could not refill after resubscribe", room=room.name)
+        log.warning("could not read history to refill a gap", room=room.name)
+        lost = position  # Refined below from what queued meanwhile.
     except Exception:
-        log.error("refill after resubscribe crashed", room=room.name, exc_info=True)
+        log.error("refill crashed", room=room.name, exc_info=True)
+        lost = position
     finally:
         backlog, room.backlog = room.backlog or [], None
+        if lost is not None and not missed:
+            # Everything queued meanwhile is delivered: the gap ends just before the first of it.
+            queued = [p for p in backlog if p.offset]
+            if queued:
+                lost = Position(queued[0].offset - 1, queued[0].epoch)
+        if lost is not None and (lost.epoch != position.epoch or lost.offset > position.offset):
+            log.warning("messages lost in a gap, members told", room=room.name,
+                        since=position.offset, until=lost.offset, epoch=lost.epoch)
+            rooms.announce_gap(room, lost)
+        elif missed:
+            log.info("gap refilled from history", room=room.name, since=position.offset,
+                     messages=len(missed))
+            rooms.count_gap("refilled")
         for publication in [*missed, *backlog]:
             rooms.deliver(publication)
         if room.refilled is not None:

@@ -20,7 +20,7 @@ import structlog
 from roomcast import clock
 from roomcast.backends.broker import Broker, BrokerUnavailable, Publication
 from roomcast.metrics import Metrics
-from roomcast.protocol import dialects
+from roomcast.protocol import dialects, envelopes
 from roomcast.service.connection import Connection, Fanout
 from roomcast.service.recovery import Position
 
@@ -73,6 +73,9 @@ class Rooms:
         linger: float = 2.0,
         encoders: Mapping[str, Encoder] | None = None,
     ) -> None:
+        #: Called with a room and the publication that skipped past its position (a gap); the
+        #: service starts a refill from history (recovery.begin_refill). None: no detection.
+        self.on_gap: Callable[[Room, Publication], None] | None = None
         self._broker = broker
         self._fanout = fanout
         self._metrics = metrics
@@ -191,6 +194,9 @@ class Rooms:
         if room.backlog is not None:  # Refilling after a resubscribe: this comes after.
             room.backlog.append(publication)
             return
+        if self.on_gap is not None and room.position.skips_to(publication):
+            self.on_gap(room, publication)  # Queued behind a refill of what is missing.
+            return
         if not room.position.advance(publication):
             return  # Already delivered (a refill overlapping live ones): exactly once.
         for queue in room.pending.values():
@@ -210,6 +216,18 @@ class Rooms:
         self._metrics.messages_out.inc(sent)
         if publication.ts_us:
             self._metrics.fanout_latency.observe((clock.now_us() - publication.ts_us) / 1e6)
+
+    def announce_gap(self, room: Room, until: Position) -> None:
+        """Tell the room's live members that messages up to ``until`` may never reach them, and
+        move the room's position there (what follows is delivered from it)."""
+        room.position = Position(until.offset, until.epoch)
+        group = room.members.get(dialects.NATIVE)
+        if group:
+            self._fanout.send(group, envelopes.gap(room.name, until.offset, until.epoch))
+        self.count_gap("lost")
+
+    def count_gap(self, outcome: str) -> None:
+        self._metrics.gaps.labels(outcome=outcome).inc()
 
 
 def _log_task_error(task: asyncio.Task[None]) -> None:

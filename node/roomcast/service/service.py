@@ -28,7 +28,7 @@ from roomcast.protocol.dialects import clean_nick
 from roomcast.protocol.envelopes import ErrorCode, ProtocolError, Since
 from roomcast.service import recovery
 from roomcast.service.connection import Connection
-from roomcast.service.rooms import Rooms
+from roomcast.service.rooms import Room, Rooms
 
 log = structlog.get_logger("roomcast.service")
 
@@ -55,6 +55,7 @@ class Service:
         self.metrics = metrics
         #: Every open connection of this node, by conn_id.
         self.connections: dict[str, Connection] = {}
+        rooms.on_gap = self._gap
 
     # --- lifecycle ---------------------------------------------------------------------------
 
@@ -72,7 +73,11 @@ class Service:
         await self.broker.close()
 
     def _resubscribed(self, rooms: Any) -> None:
+        self.metrics.resubscribes.inc()
         recovery.catch_up(self.rooms, self.history_store, rooms)
+
+    def _gap(self, room: Room, publication: Publication) -> None:
+        recovery.begin_refill(self.rooms, self.history_store, room, publication)
 
     # --- connections -------------------------------------------------------------------------
 

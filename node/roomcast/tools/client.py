@@ -245,7 +245,10 @@ class Client:
     any message at or below it in the same epoch. After a reconnect it rejoins each room with
     ``since`` = that position; when the node cannot fill the gap the client yields
     ``{"type": "recovery_failed", "room": ..., "offset": ..., "epoch": ...}`` (the room's new
-    position, from which delivery continues). A rejoin refused for good (e.g. ``too_many_rooms``)
+    position, from which delivery continues); when the node itself lost messages that history no
+    longer has, it sends ``{"type": "gap", "room": ..., "recovered": false, "offset": ...,
+    "epoch": ...}``, which the client yields after moving the room's position there. A rejoin
+    refused for good (e.g. ``too_many_rooms``)
     yields ``{"type": "rejoin_failed", "room": ..., "code": ..., "message": ...}`` and the room is
     forgotten. Events wait in a queue of ``max_queue``; when it is full the client stops reading
     the socket (and so stops seeing replies too) until the application takes an event: iterate
@@ -554,6 +557,8 @@ class Client:
             return self._reply(conn, conn.pending.pop(oldest), envelope)
         if kind == "message":
             return self._message(envelope)
+        if kind == "gap":
+            return self._gap(envelope)
         if kind == "reconnect":
             conn.hint = envelope
             return []
@@ -606,6 +611,16 @@ class Client:
             return []  # Already delivered (a replay overlapping what arrived live).
         state.offset, state.epoch = offset, epoch
         return [message]
+
+    def _gap(self, gap: Envelope) -> list[Envelope]:
+        """The node lost messages history no longer has: delivery continues after the gap's
+        position, which becomes the room's (so that a rejoin does not ask for them again)."""
+        state = self._rooms.get(str(gap.get("room")))
+        offset, epoch = gap.get("offset"), gap.get("epoch")
+        if state is not None and isinstance(offset, int) and isinstance(epoch, str) and (
+                epoch != state.epoch or offset > state.offset):
+            state.offset, state.epoch = offset, epoch
+        return [gap]
 
     def _lost(self, conn: _Connection) -> None:
         """The connection is gone: record why and fail the requests still waiting on it."""
