@@ -29,7 +29,8 @@ class Backends:
 def build(config: Config) -> Backends:
     """Memory backends for a lone node, Redis ones when ``config.redis_url`` is set."""
     if config.redis_url is None:
-        history = MemoryHistory(config.history_size, config.history_ttl)
+        history = MemoryHistory(config.history_size, config.history_ttl,
+                                idle_ttl=config.idle_room_ttl)
         return Backends(
             MemoryBroker(history),
             history,

@@ -44,8 +44,10 @@ def parse_frame(room: str, data: bytes) -> Publication:
     """Split a pub/sub frame into its header fields and the envelope bytes."""
     header, _, payload = data.partition(b"\n")
     offset, epoch, ts_us, origin = header.split(b" ", 3)
+    # An event's header carries "-" for its (absent) epoch: events have none, as in memory.
     return Publication(
-        room, payload, int(offset), epoch.decode(), origin.decode(), int(ts_us)
+        room, payload, int(offset), "" if epoch == b"-" else epoch.decode(), origin.decode(),
+        int(ts_us),
     )
 
 

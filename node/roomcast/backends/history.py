@@ -73,45 +73,71 @@ def recovery_result(
     return HistoryResult(offset, epoch, messages if continuous else [], continuous)
 
 
-class _Room:
-    __slots__ = ("epoch", "last_publish", "offset", "stored")
+#: Seconds between sweeps of expired rooms out of a MemoryHistory. A constant: it bounds how
+#: long an expired room's few hundred bytes linger, not when the room expires.
+SWEEP_INTERVAL = 60.0
 
-    def __init__(self, size: int, now: float) -> None:
+
+class _Room:
+    __slots__ = ("epoch", "expires_at", "offset", "stored")
+
+    def __init__(self, size: int, expires_at: float | None) -> None:
         self.offset = 0
         self.epoch = new_epoch()
         self.stored: collections.deque[tuple[int, bytes]] = collections.deque(maxlen=size)
-        self.last_publish = now
+        #: Monotonic time after which the room's history is gone (None: never).
+        self.expires_at = expires_at
 
 
 class MemoryHistory:
     """History inside one process: the embedded default.
 
     ``ttl`` seconds after a room's last publication its history is gone and it gets a new epoch
-    (0 = never). ``clock`` is injectable so that tests can move time.
+    (0 = never). A room only read, never published to, is forgotten ``idle_ttl`` seconds after
+    its last read, so that asking about many room names keeps no memory. Expired rooms are swept
+    out every SWEEP_INTERVAL seconds. ``clock`` is injectable so that tests can move time.
     """
 
     def __init__(
-        self, size: int = 100, ttl: float = 86400.0, clock: Clock = monotonic
+        self, size: int = 100, ttl: float = 86400.0, clock: Clock = monotonic,
+        idle_ttl: float = 300.0,
     ) -> None:
         self._size = size
         self._ttl = ttl
+        self._idle_ttl = idle_ttl
         self._clock = clock
         self._rooms: dict[str, _Room] = {}
+        self._next_sweep = clock() + SWEEP_INTERVAL
+
+    def __len__(self) -> int:
+        """Rooms held (expired ones until the next sweep)."""
+        return len(self._rooms)
 
     def _room(self, room: str) -> _Room:
         now = self._clock()
+        if now >= self._next_sweep:
+            self._sweep(now)
         state = self._rooms.get(room)
-        if state is None or (self._ttl > 0 and now - state.last_publish > self._ttl):
+        if state is None or (state.expires_at is not None and now > state.expires_at):
             # A new room, or one whose history expired: a new epoch tells clients so.
-            state = self._rooms[room] = _Room(self._size, now)
+            state = self._rooms[room] = _Room(self._size, now + self._idle_ttl)
+        elif state.offset == 0:
+            state.expires_at = now + self._idle_ttl  # Still read: keep its epoch for a while.
         return state
+
+    def _sweep(self, now: float) -> None:
+        self._next_sweep = now + SWEEP_INTERVAL
+        expired = [name for name, state in self._rooms.items()
+                   if state.expires_at is not None and now > state.expires_at]
+        for name in expired:
+            del self._rooms[name]
 
     def append(self, room: str, prefix: bytes) -> tuple[int, str, bytes]:
         """Give the next message of ``room`` its offset and store it; returns (offset, epoch,
         the finished envelope). What lua/publish.lua does in Redis."""
         state = self._room(room)
         state.offset += 1
-        state.last_publish = self._clock()
+        state.expires_at = self._clock() + self._ttl if self._ttl > 0 else None
         payload = finish_message(prefix, state.offset, state.epoch)
         if self._size > 0:
             state.stored.append((state.offset, payload))

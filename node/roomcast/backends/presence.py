@@ -107,6 +107,8 @@ class MemoryPresence:
             holder = nicks.get(nick_key(member.nick))
             if holder is not None and holder[0] == member.conn_id:
                 del nicks[nick_key(member.nick)]
+                if not nicks:
+                    self._nicks.pop(room, None)
         entries = self._rooms.get(room, {})
         if entries.pop(member.conn_id, None) is None:
             return
