@@ -1,0 +1,1 @@
+"""Contract tests: one suite per backend seam, run against the memory and the Redis version."""
