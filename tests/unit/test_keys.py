@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import re
 
 from hypothesis import given, settings
@@ -15,20 +16,24 @@ room_names = st.text(
     min_size=1,
     max_size=64,
 )
+node_ids = st.text(alphabet="abcdefghijklmnopqrstuvwxyz0123456789_.-", min_size=1, max_size=30)
 prefixes = st.text(alphabet="abcdefghijklmnopqrstuvwxyz0123456789_:-", min_size=1, max_size=20)
 
 
-def room_keys(keys: Keys, room: str) -> list[str]:
+def room_keys(keys: Keys, room: str, node_id: str = "n1") -> list[str]:
+    """Every name of one room (the room's slot)."""
     return [
-        keys.channel(room), keys.meta(room), keys.stream(room), keys.presence(room, "n1"),
-        keys.presence_nodes(room), keys.nicks(room), keys.users(room),
+        keys.channel(room), keys.meta(room), keys.stream(room), keys.presence(room, node_id),
+        keys.presence_nodes(room), keys.nicks(room), keys.users(room), keys.leaves(room),
+        keys.leave_names(room),
     ]
 
 
-def node_keys(keys: Keys) -> list[str]:
+def node_keys(keys: Keys, node_id: str = "n1") -> list[str]:
+    """Every node-level and cluster-wide name (each its own slot)."""
     return [
-        keys.nodes(), keys.node_info("n1"), keys.node_rooms("n1"), keys.rooms(),
-        keys.leave_names(), keys.leaves(),
+        keys.control(), keys.nodes(), keys.node_info(node_id), keys.node_rooms(node_id),
+        keys.leave_rooms(),
     ]
 
 
@@ -38,23 +43,51 @@ def test_default_names_match_the_documented_layout() -> None:
     assert room_keys(keys, "lobby") == [
         "roomcast:ch:{lobby}", "roomcast:meta:{lobby}", "roomcast:hist:{lobby}",
         "roomcast:pres:{lobby}:n1", "roomcast:presnodes:{lobby}", "roomcast:nicks:{lobby}",
-        "roomcast:users:{lobby}",
+        "roomcast:users:{lobby}", "roomcast:leaves:{lobby}", "roomcast:leavenames:{lobby}",
     ]
     assert node_keys(keys) == [
-        "roomcast:nodes", "roomcast:node:n1", "roomcast:noderooms:n1", "roomcast:rooms",
-        "roomcast:leavenames", "roomcast:leaves",
+        "roomcast:control", "roomcast:nodes", "roomcast:node:n1", "roomcast:noderooms:n1",
+        "roomcast:leaverooms",
     ]
+
+
+def test_every_name_method_is_covered_here() -> None:
+    """The lists above name every method of Keys that builds a name, so each new name is held
+    to the tag and collision rules below."""
+    keys = Keys("p")
+    builders = {
+        name for name, _ in inspect.getmembers(Keys, inspect.isfunction)
+        if not name.startswith("_") and name != "room_of_channel"
+    }
+    built = set(room_keys(keys, "r", "n")) | set(node_keys(keys, "n"))
+    for name in builders:
+        method = getattr(keys, name)
+        params = list(inspect.signature(method).parameters)
+        values = {"room": "r", "node_id": "n"}
+        assert method(*(values[p] for p in params)) in built, name
 
 
 @FUZZ
-@given(prefix=prefixes, room=room_names)
+@given(prefix=prefixes, room=room_names, node_id=node_ids)
 def test_every_room_key_has_the_prefix_and_the_room_as_its_only_hash_tag(
-    prefix: str, room: str
+    prefix: str, room: str, node_id: str
 ) -> None:
     """A room's keys all start with the prefix and share one Redis Cluster hash tag: the room."""
-    for key in room_keys(Keys(prefix), room):
+    for key in room_keys(Keys(prefix), room, node_id):
         assert key.startswith(prefix + ":")
         assert re.findall(r"\{([^}]*)\}", key) == [room]
+        # The tag is the first {...} of the key: nothing before it may open a brace.
+        assert key.index("{") == key.index("{" + room + "}")
+
+
+@FUZZ
+@given(prefix=prefixes, node_id=node_ids)
+def test_node_level_names_carry_no_hash_tag(prefix: str, node_id: str) -> None:
+    """Node-level and cluster-wide names have the prefix and no {tag}: they never pose as a
+    room's keys, and each hashes on its whole name."""
+    for key in node_keys(Keys(prefix), node_id):
+        assert key.startswith(prefix + ":")
+        assert "{" not in key and "}" not in key
 
 
 @FUZZ
@@ -66,13 +99,15 @@ def test_room_of_channel_inverts_channel(prefix: str, room: str) -> None:
 
 
 @FUZZ
-@given(room=room_names, other=room_names)
-def test_names_of_different_rooms_and_concepts_never_collide(room: str, other: str) -> None:
+@given(room=room_names, other=room_names, node_id=node_ids)
+def test_names_of_different_rooms_and_concepts_never_collide(
+    room: str, other: str, node_id: str
+) -> None:
     """No two concepts or rooms share a key, so one room's data never overwrites another's."""
     keys = Keys()
-    names = room_keys(keys, room) + node_keys(keys)
+    names = room_keys(keys, room, node_id) + node_keys(keys, node_id)
     if other != room:
-        names += room_keys(keys, other)
+        names += room_keys(keys, other, node_id)
     assert len(names) == len(set(names))
 
 

@@ -1,8 +1,32 @@
 """Every Redis key and channel name roomcast uses, built in one place under one prefix.
 
-Room-scoped names carry the room in a hash tag (``{room}``) so that every key and the channel of
-one room fall in one Redis Cluster slot: the Lua scripts touch only one room's keys, and the
-channel can move to sharded pub/sub (SPUBLISH) without renaming anything.
+Nothing else in roomcast formats a Redis name: the backends call these methods and hand the names
+to Lua through KEYS (and, for the one channel a script publishes to, ARGV).
+
+Redis Cluster: room-scoped names carry the room in a hash tag (``{room}``), so that every key and
+the channel of one room fall in one slot and a room's Lua script may touch all of them at once;
+the channel can move to sharded pub/sub (SPUBLISH) without renaming anything. Node-level and
+cluster-wide names carry no tag and each is touched only by commands (or one-key scripts) of its
+own, never together with a room's keys (tests/unit/test_slots.py computes the slots).
+
+=========================  ==========================================  ==================
+name                       what                                        slot
+=========================  ==========================================  ==================
+``ch:{room}``              pub/sub channel of the room                 the room's
+``meta:{room}``            hash: history offset and epoch              the room's
+``hist:{room}``            stream of stored messages                   the room's
+``pres:{room}:<node>``     hash conn_id -> member JSON, one node       the room's
+``presnodes:{room}``       set of nodes with entries in the room       the room's
+``users:{room}``           hash user_id -> connection count            the room's
+``nicks:{room}``           hash nick -> ``node conn user``             the room's
+``leaves:{room}``          zset user_id -> user_left deadline          the room's
+``leavenames:{room}``      hash user_id -> username, beside leaves     the room's
+``control``                node-wide pub/sub channel                   (a channel)
+``nodes``                  zset node_id -> lease deadline, or a hold   its own
+``node:<node>``            hash: the node's connection count           its own
+``noderooms:<node>``       set of rooms where the node has entries     its own
+``leaverooms``             zset room -> when to look at its leaves     its own
+=========================  ==========================================  ==================
 """
 
 from __future__ import annotations
@@ -14,7 +38,7 @@ from dataclasses import dataclass
 class Keys:
     prefix: str = "roomcast"
 
-    # --- per room ---------------------------------------------------------------------------
+    # --- per room: all in the room's slot ------------------------------------------------------
     def channel(self, room: str) -> str:
         """Pub/sub channel carrying every publication and event of the room."""
         return f"{self.prefix}:ch:{{{room}}}"
@@ -43,6 +67,15 @@ class Keys:
         """Hash user_id -> number of live connections of that user in the room."""
         return f"{self.prefix}:users:{{{room}}}"
 
+    def leaves(self, room: str) -> str:
+        """Sorted set of the room's pending user_left decisions: member user_id, score = unix
+        ms after which the user counts as gone."""
+        return f"{self.prefix}:leaves:{{{room}}}"
+
+    def leave_names(self, room: str) -> str:
+        """Hash user_id -> username of each pending leave in leaves(room)."""
+        return f"{self.prefix}:leavenames:{{{room}}}"
+
     def room_of_channel(self, channel: str) -> str:
         """Inverse of channel(): the room of a ``<prefix>:ch:{room}`` channel name."""
         return channel[len(self.prefix) + 5 : -1]
@@ -52,28 +85,27 @@ class Keys:
         connection is in subscribed mode (and its liveness confirmed) even with no rooms."""
         return f"{self.prefix}:control"
 
-    # --- per node / cluster-wide ---------------------------------------------------------------
+    # --- per node / cluster-wide: each in a slot of its own, never in a room's script ----------
     def nodes(self) -> str:
-        """Sorted set node_id -> lease deadline (unix ms); a past deadline is a dead node."""
+        """Sorted set node_id -> lease deadline (unix ms); a past deadline is a dead node. A
+        negative score is a reaper's hold on a dead node (lua/claim_due.lua)."""
         return f"{self.prefix}:nodes"
 
     def node_info(self, node_id: str) -> str:
-        """Hash with the node's connection count and address, refreshed with its lease."""
+        """Hash with the node's connection count, refreshed with its lease."""
         return f"{self.prefix}:node:{node_id}"
 
     def node_rooms(self, node_id: str) -> str:
-        """Set of rooms where the node holds presence entries (to drop them all at once)."""
+        """Set of rooms where the node holds presence entries, so that a reaper can visit them
+        one by one (and stats() can list the rooms in use)."""
         return f"{self.prefix}:noderooms:{node_id}"
 
-    def rooms(self) -> str:
-        """Set of rooms with at least one present user, cluster-wide."""
-        return f"{self.prefix}:rooms"
+    def leave_rooms(self) -> str:
+        """Sorted set room -> unix ms when its leaves(room) next needs a look (no later than its
+        earliest pending deadline); a negative score is a claimer's hold (lua/claim_due.lua)."""
+        return f"{self.prefix}:leaverooms"
 
-    def leave_names(self) -> str:
-        """Hash ``room\\x00user_id`` -> username, beside leaves()."""
-        return f"{self.prefix}:leavenames"
-
-    def leaves(self) -> str:
-        """Sorted set of pending user_left decisions, member ``room\\x00user_id``,
-        score = unix ms after which the user counts as gone."""
-        return f"{self.prefix}:leaves"
+    def probe(self, node_id: str) -> str:
+        """String the node's health probe writes every second with an expiry (a write that
+        Redis refuses when it is out of memory or a read-only replica)."""
+        return f"{self.prefix}:probe:{node_id}"
