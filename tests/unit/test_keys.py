@@ -33,7 +33,7 @@ def node_keys(keys: Keys, node_id: str = "n1") -> list[str]:
     """Every node-level and cluster-wide name (each its own slot)."""
     return [
         keys.control(), keys.nodes(), keys.node_info(node_id), keys.node_rooms(node_id),
-        keys.leave_rooms(),
+        keys.leave_rooms(), keys.probe(node_id),
     ]
 
 
