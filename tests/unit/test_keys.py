@@ -47,7 +47,7 @@ def test_default_names_match_the_documented_layout() -> None:
     ]
     assert node_keys(keys) == [
         "roomcast:control", "roomcast:nodes", "roomcast:node:n1", "roomcast:noderooms:n1",
-        "roomcast:leaverooms",
+        "roomcast:leaverooms", "roomcast:probe:n1",
     ]
 
 
