@@ -60,6 +60,8 @@ class Ack:
     offset: int
     epoch: str
     at: float
+    #: When the publish was sent (``at`` is when its ack came back).
+    sent: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,7 +102,10 @@ class SubscriberResult:
     wrong: list[int]
     told: int
     covered: int
+    #: From the fault's end to the first canary message received after it.
     recover_s: float | None
+    #: From the fault's end to the first message *published* after it: live again.
+    live_s: float | None
     connects: int
     closes: list[int | None]
 
@@ -160,16 +165,21 @@ def account(
             covered += 1
         else:
             lost.append(ack.seq)
-    recover_s = None
+    recover_s = live_s = None
     if fault_end is not None:
         after = [m.at for m in received if m.at >= fault_end]
         if after:
             recover_s = min(after) - fault_end
+        live = [m.at for m in received
+                if m.seq in by_seq and by_seq[m.seq].sent >= fault_end]
+        if live:
+            live_s = min(live) - fault_end
     return SubscriberResult(
         name=name, node=node, acked=len(ordered),
         received_once=sum(1 for a in ordered if seen[a.seq]),
         lost=lost, duplicated=duplicated, reordered=reordered, wrong=wrong, told=len(told),
-        covered=covered, recover_s=recover_s, connects=connects, closes=list(closes),
+        covered=covered, recover_s=recover_s, live_s=live_s, connects=connects,
+        closes=[None if c is None else int(c) for c in closes],
     )
 
 
@@ -227,10 +237,12 @@ class Report:
 
     @property
     def recover_s(self) -> float | None:
-        values = [s.recover_s for s in self.subscribers]
-        if not values or any(v is None for v in values):
-            return None
-        return max(v for v in values if v is not None)
+        """The slowest subscriber's (None: one never received anything after the fault)."""
+        return _slowest([s.recover_s for s in self.subscribers])
+
+    @property
+    def live_s(self) -> float | None:
+        return _slowest([s.live_s for s in self.subscribers])
 
     def line(self) -> str:
         """The one-line summary, e.g. ``chaos redis-kill: acked=412 lost=0 dup=0 ...``."""
@@ -242,7 +254,8 @@ class Report:
             f"acked={self.acked}", f"refused={refused}", f"lost={self.lost}",
             f"dup={self.dup}", f"reordered={self.reordered}", f"wrong={self.wrong}",
             f"told={self.told}", f"covered={self.covered}",
-            f"recover_s={seconds(self.recover_s)}", f"pub_recover_s={seconds(self.pub_recover_s)}",
+            f"recover_s={seconds(self.recover_s)}", f"live_s={seconds(self.live_s)}",
+            f"pub_recover_s={seconds(self.pub_recover_s)}",
             f"subs={len(self.subscribers)}",
             f"reconnects={sum(max(0, s.connects - 1) for s in self.subscribers)}",
         ]
@@ -257,13 +270,20 @@ class Report:
                              f"unanswered={self.unanswered}"]
         for s in self.subscribers:
             rec = "never" if s.recover_s is None else f"{s.recover_s:.2f}"
+            live = "never" if s.live_s is None else f"{s.live_s:.2f}"
             rows.append(
                 f"  {s.name}@{s.node}: received={s.received_once}/{s.acked} "
                 f"lost={len(s.lost)}[{ranges(s.lost)}] dup={len(s.duplicated)}"
                 f"[{ranges(s.duplicated)}] reordered={len(s.reordered)}[{ranges(s.reordered)}] "
                 f"wrong={len(s.wrong)}[{ranges(s.wrong)}] told={s.told} covered={s.covered} "
-                f"recover_s={rec} connects={s.connects} closes={s.closes}")
+                f"recover_s={rec} live_s={live} connects={s.connects} closes={s.closes}")
         return "\n".join(rows)
+
+
+def _slowest(values: Sequence[float | None]) -> float | None:
+    if not values or any(v is None for v in values):
+        return None
+    return max(v for v in values if v is not None)
 
 
 # --- network helpers -----------------------------------------------------------------------
@@ -316,6 +336,7 @@ class Publisher:
         self.unanswered: set[int] = set()
         self.connects = 0
         self.seq = 0
+        self._sent: dict[int, float] = {}
         self._stop = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._ws: ClientConnection | None = None
@@ -363,6 +384,7 @@ class Publisher:
             seq = self.seq
             body = {"type": "publish", "room": self.room, "data": {"seq": seq, "pad": self.pad},
                     "id": seq}
+            self._sent[seq] = now()
             try:
                 await ws.send(orjson.dumps(body).decode())
                 reply = await self._reply(ws, seq)
@@ -386,7 +408,8 @@ class Publisher:
             return
         self.unanswered.discard(seq)
         if reply.get("type") == "published":
-            self.acks.append(Ack(seq, int(reply["offset"]), str(reply["epoch"]), now()))
+            self.acks.append(Ack(seq, int(reply["offset"]), str(reply["epoch"]), now(),
+                                 self._sent.get(seq, 0.0)))
             self.acked.add(seq)
         elif reply.get("type") == "error":
             self.refused[str(reply.get("code"))] += 1
