@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable, Mapping
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily
+from prometheus_client.metrics_core import Metric
+from prometheus_client.registry import Collector
 
 # Fan-out latency buckets: sub-millisecond to seconds, dense where broadcast latency lives.
 LATENCY_BUCKETS = (
@@ -56,3 +61,28 @@ class Metrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+    def watch_redis_errors(self, source: Callable[[], Mapping[str, int]]) -> None:
+        """Expose ``source()`` (failures by kind, redis_common.RedisHealth.errors) as the
+        counter roomcast_redis_errors_total{kind}, read at each scrape."""
+        self.registry.register(_RedisErrors(source))
+
+
+class _RedisErrors(Collector):
+    """roomcast_redis_errors_total{kind}: Redis failures this node saw, by kind."""
+
+    NAME = "roomcast_redis_errors"
+    HELP = ("Redis failures seen by this node (commands, the write probe, the pub/sub reader), "
+            "by kind: connection, timeout, pool, oom, readonly, misconf, other")
+
+    def __init__(self, source: Callable[[], Mapping[str, int]]) -> None:
+        self._source = source
+
+    def describe(self) -> Iterable[Metric]:
+        return [CounterMetricFamily(self.NAME, self.HELP, labels=["kind"])]
+
+    def collect(self) -> Iterable[Metric]:
+        family = CounterMetricFamily(self.NAME, self.HELP, labels=["kind"])
+        for kind, count in self._source().items():
+            family.add_metric([kind], count)
+        return [family]

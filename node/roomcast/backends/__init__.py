@@ -6,7 +6,8 @@ with its memory implementation beside it and its Redis one next to that.
 * presence (presence.py, presence_redis.py): who is in each room, user_joined/user_left.
 
 ``build`` chooses them in one place: no Redis URL, memory; a URL, Redis. tests/contract/ runs one
-suite per seam against both implementations.
+suite per seam against both implementations. A Redis broker carries the node's ``health``
+(redis_common.RedisHealth: readiness and failure counts); a memory broker has none.
 """
 
 from __future__ import annotations
@@ -41,13 +42,19 @@ def build(config: Config) -> Backends:
     from roomcast.backends.history_redis import RedisHistory
     from roomcast.backends.keys import Keys
     from roomcast.backends.presence_redis import RedisPresence
-    from roomcast.backends.redis_common import connect
+    from roomcast.backends.redis_common import RedisHealth, connect
 
     keys = Keys(config.redis_prefix)
-    redis = connect(config)
+    health = RedisHealth()
+    # One pool for commands (broker, history, presence), sized by --redis-pool-size; the
+    # pub/sub reader and the health probe have small pools of their own, so that neither waits
+    # behind a burst of commands.
+    redis = connect(config, health=health)
+    pubsub = connect(config, retries=0, role="pubsub", pool_size=2)
+    probe = connect(config, retries=0, role="health", pool_size=2)
     return Backends(
-        RedisBroker(redis, keys, config, pubsub_client=connect(config, retries=0,
-                                                                    role="pubsub")),
+        RedisBroker(redis, keys, config, pubsub_client=pubsub, probe_client=probe,
+                    health=health),
         RedisHistory(redis, keys, config.history_ttl),
         RedisPresence(redis, keys, config.node_id, config.presence_grace,
                       config.node_lease_ttl),

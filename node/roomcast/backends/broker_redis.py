@@ -7,6 +7,12 @@ exponential backoff and full jitter, resubscribes every room once Redis is back 
 (``on_resubscribed``), which refills from history what was published in between. Publishes in
 between raise BrokerUnavailable (never a silent drop).
 
+Health (redis_common.RedisHealth): a write probe every second on a connection of its own (SET of
+the node's probe key, with an expiry) tells readiness whether Redis is reachable and writable;
+every failure the node sees is counted and logged by kind there. Each time the reader connects,
+the node checks Redis' pub/sub output-buffer limit (``check_pubsub_limit``): a limit too low for
+a node that falls behind for a moment makes Redis cut its pub/sub connection.
+
 Pub/sub frame: ``b"<offset> <epoch> <ts_us> <origin>\\n" + envelope``; offset 0 = ephemeral event.
 """
 
@@ -19,7 +25,8 @@ from typing import Any
 
 import redis.asyncio as aioredis
 import structlog
-from redis.exceptions import RedisError
+from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from roomcast import clock
 from roomcast.backends.broker import (
@@ -30,7 +37,12 @@ from roomcast.backends.broker import (
 )
 from roomcast.backends.history import new_epoch
 from roomcast.backends.keys import Keys
-from roomcast.backends.redis_common import as_str, load_script, unavailable_on_redis_error
+from roomcast.backends.redis_common import (
+    RedisHealth,
+    as_str,
+    load_script,
+    unavailable_on_redis_error,
+)
 from roomcast.config import Config
 from roomcast.protocol.envelopes import finish_message
 
@@ -38,6 +50,21 @@ log = structlog.get_logger("roomcast.broker")
 
 #: First pause before reconnecting to Redis; doubles up to --redis-retry-max.
 BACKOFF_BASE = 0.1
+#: Seconds between two write probes. A constant: readiness should follow Redis within about a
+#: second, and one tiny SET per second and node costs Redis nothing.
+PROBE_INTERVAL = 1.0
+#: Lifetime of the probe key: it disappears a few probes after its node stops.
+PROBE_TTL_MS = 5000
+
+#: The pub/sub output-buffer limit recommended in docs/RUNBOOK.md (section 8): Redis cuts a
+#: subscriber whose unread output passes the hard limit, or stays above the soft one for its
+#: seconds. Redis' default (32 MB hard, 8 MB for 60 s) is a stall of well under a second for a
+#: node whose rooms receive tens of MB/s; size it as bytes/s of the node's rooms x the longest
+#: stall it should survive.
+RECOMMENDED_PUBSUB_LIMIT = (256 * 1024 * 1024, 64 * 1024 * 1024, 60)
+PUBSUB_LIMIT_COMMAND = 'CONFIG SET client-output-buffer-limit "pubsub 256mb 64mb 60"'
+_UNITS = {"b": 1, "k": 1000, "kb": 1024, "m": 1000**2, "mb": 1024**2, "g": 1000**3,
+          "gb": 1024**3}
 
 
 def parse_frame(room: str, data: bytes) -> Publication:
@@ -55,18 +82,50 @@ def event_frame(payload: bytes, origin: str) -> bytes:
     return b"0 - %d %s\n" % (clock.now_us(), origin.encode()) + payload
 
 
+def _memory(text: str) -> int:
+    """A Redis memory figure (``33554432``, ``32mb``, ``1gb``) in bytes."""
+    lowered = text.lower()
+    digits = lowered.rstrip("kmgb")
+    return int(digits) * _UNITS.get(lowered[len(digits):] or "b", 1)
+
+
+def pubsub_limit(value: str) -> tuple[int, int, int] | None:
+    """(hard bytes, soft bytes, soft seconds) of the pubsub class in a
+    ``client-output-buffer-limit`` value (``normal 0 0 0 replica ... pubsub 33554432 8388608
+    60``); None when the value names no pubsub class."""
+    words = value.split()
+    for i in range(0, len(words) - 3, 4):
+        if words[i].lower() == "pubsub":
+            return _memory(words[i + 1]), _memory(words[i + 2]), int(words[i + 3])
+    return None
+
+
+def pubsub_limit_too_low(limit: tuple[int, int, int]) -> bool:
+    """True when the hard limit is below the recommended one (0 means no limit: fine)."""
+    hard = limit[0]
+    return hard != 0 and hard < RECOMMENDED_PUBSUB_LIMIT[0]
+
+
 class RedisBroker:
     """Broker over one Redis: pub/sub for fan-out, streams for history."""
 
     def __init__(
         self, redis: aioredis.Redis, keys: Keys, config: Config,
         pubsub_client: aioredis.Redis | None = None,
+        probe_client: aioredis.Redis | None = None,
+        health: RedisHealth | None = None,
     ) -> None:
         self._redis = redis
         # The reader's own client (see redis_common.connect): a lost pub/sub connection must
         # surface here, so that the resubscribe goes through the node's refill.
         self._pubsub_client = pubsub_client or redis
+        # The probe's own client: a command pool busy with a burst must not delay the probe
+        # (readiness would then report the node's own queue, not Redis).
+        self._probe_client = probe_client or redis
         self._keys = keys
+        self._node_id = config.node_id
+        #: What this node knows of its Redis (readiness, error counts): backends.health_of.
+        self.health = health or RedisHealth()
         self._history_size = config.history_size
         self._history_ttl_ms = int(config.history_ttl * 1000)
         self._subscribe_timeout = config.redis_timeout
@@ -77,8 +136,11 @@ class RedisBroker:
         self._pubsub: Any = None
         self._connected = asyncio.Event()
         self._reader: asyncio.Task[None] | None = None
+        self._prober: asyncio.Task[None] | None = None
+        self._limit_check: asyncio.Task[None] | None = None
         self._on_publication: OnPublication | None = None
         self._on_resubscribed: OnResubscribed | None = None
+        self.health.watch_connection(self._connected.is_set)
 
     @property
     def available(self) -> bool:
@@ -90,6 +152,7 @@ class RedisBroker:
         self._on_publication = on_publication
         self._on_resubscribed = on_resubscribed
         self._reader = asyncio.create_task(self._read_forever(), name="redis-pubsub-reader")
+        self._prober = asyncio.create_task(self._probe_forever(), name="redis-probe")
 
     async def wait_connected(self, within: float) -> bool:
         try:
@@ -99,14 +162,15 @@ class RedisBroker:
         return True
 
     async def close(self) -> None:
-        if self._reader is not None:
-            self._reader.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._reader
-            self._reader = None
+        for task in (self._reader, self._prober, self._limit_check):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        self._reader = self._prober = self._limit_check = None
         self._connected.clear()
-        for client in {id(self._redis): self._redis,
-                       id(self._pubsub_client): self._pubsub_client}.values():
+        clients = (self._redis, self._pubsub_client, self._probe_client)
+        for client in {id(client): client for client in clients}.values():
             with contextlib.suppress(RedisError, OSError):
                 await client.aclose()
 
@@ -127,6 +191,8 @@ class RedisBroker:
         try:
             await asyncio.wait_for(asyncio.shield(waiter), self._subscribe_timeout)
         except TimeoutError:
+            self.health.failed(RedisTimeoutError("subscription not confirmed in time"),
+                               "SUBSCRIBE")
             raise BrokerUnavailable("redis did not confirm the subscription") from None
 
     async def unsubscribe(self, room: str) -> None:
@@ -151,6 +217,7 @@ class RedisBroker:
             except asyncio.CancelledError:
                 raise
             except (RedisError, OSError) as exc:
+                self.health.failed(exc, "pubsub")
                 if self._connected.is_set():
                     log.warning("redis connection lost", error=str(exc))
                     backoff = BACKOFF_BASE
@@ -187,11 +254,72 @@ class RedisBroker:
                 if not self._connected.is_set() and channel == control:
                     self._connected.set()
                     log.info("redis pubsub connected", rooms=len(rooms))
+                    self._start_limit_check()
                     if resubscribed and rooms and self._on_resubscribed is not None:
                         self._on_resubscribed(rooms)
                 waiter = self._pending.pop(channel, None)
                 if waiter is not None and not waiter.done():
                     waiter.set_result(None)
+
+    # --- health -----------------------------------------------------------------------------
+
+    async def _probe_forever(self) -> None:
+        """Write the node's probe key every PROBE_INTERVAL: the readiness verdict."""
+        key = self._keys.probe(self._node_id)
+        while True:
+            try:
+                await self._probe_client.set(key, clock.now_ms(), px=PROBE_TTL_MS)
+            except (RedisError, OSError) as exc:
+                self.health.probed(exc)
+            except Exception:
+                log.error("redis probe crashed", exc_info=True)
+            else:
+                self.health.probed(None)
+            self.health.flush()
+            await asyncio.sleep(PROBE_INTERVAL)
+
+    def _start_limit_check(self) -> None:
+        if self._limit_check is None or self._limit_check.done():
+            self._limit_check = asyncio.create_task(self._check_limit_logged(),
+                                                    name="redis-pubsub-limit-check")
+
+    async def _check_limit_logged(self) -> None:
+        try:
+            await self.check_pubsub_limit()
+        except Exception:
+            log.error("redis pubsub limit check crashed", exc_info=True)
+
+    async def check_pubsub_limit(self) -> tuple[int, int, int] | None:
+        """Read Redis' pub/sub output-buffer limit; log a WARNING when its hard limit is below
+        RECOMMENDED_PUBSUB_LIMIT, or an INFO line when it cannot be read (CONFIG is often
+        disabled or renamed on managed Redis). Returns the limit read, if any."""
+        try:
+            reply = await self._probe_client.config_get("client-output-buffer-limit")
+        except ResponseError as exc:
+            log.info("could not check redis pubsub output buffer limit",
+                     error_type=type(exc).__name__, error=str(exc),
+                     recommended=PUBSUB_LIMIT_COMMAND)
+            return None
+        except (RedisError, OSError):
+            return None  # Redis went away again: the reader checks on its next connect.
+        raw = next(iter(reply.values()), b"") if isinstance(reply, dict) else b""
+        limit = pubsub_limit(as_str(raw))
+        if limit is None:
+            log.info("could not check redis pubsub output buffer limit",
+                     error="no pubsub class in CONFIG GET client-output-buffer-limit",
+                     recommended=PUBSUB_LIMIT_COMMAND)
+        elif pubsub_limit_too_low(limit):
+            hard, soft, seconds = RECOMMENDED_PUBSUB_LIMIT
+            log.warning(
+                "redis pubsub output buffer limit is low",
+                hard=limit[0], soft=limit[1], soft_seconds=limit[2],
+                recommended_hard=hard, recommended_soft=soft, recommended_soft_seconds=seconds,
+                command=PUBSUB_LIMIT_COMMAND,
+            )
+        else:
+            log.info("redis pubsub output buffer limit checked", hard=limit[0], soft=limit[1],
+                     soft_seconds=limit[2])
+        return limit
 
     # --- publishing -------------------------------------------------------------------------
 

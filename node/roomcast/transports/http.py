@@ -8,8 +8,9 @@ WebSocket upgrades are accepted only on ``/``, ``/ws`` and ``/ws/chat/{room}``.
 from __future__ import annotations
 
 import hmac
+from collections.abc import Mapping
 from importlib import resources
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 from urllib.parse import urlsplit
 
 import orjson
@@ -56,6 +57,19 @@ class Lifecycle(Protocol):
         """Begin a drain; later calls are harmless."""
 
 
+@runtime_checkable
+class BackendHealth(Protocol):
+    """What the routes need of the health of the backend behind the broker (a Redis broker's
+    ``health``, backends/redis_common.RedisHealth; a memory broker has none)."""
+
+    def problem(self) -> str | None:
+        """None while the backend is reachable and accepts writes; otherwise why not, one word
+        (unreachable, timeout, oom, readonly, misconf, error)."""
+
+    def errors(self) -> Mapping[str, int]:
+        """Failures seen since start, by kind."""
+
+
 class HttpRoutes:
     def __init__(
         self, config: Config, service: Service, metrics: Metrics, lifecycle: Lifecycle
@@ -64,6 +78,11 @@ class HttpRoutes:
         self.service = service
         self.metrics = metrics
         self.lifecycle = lifecycle
+        #: The Redis behind the broker (None in embedded mode): readiness and its error metric.
+        health = getattr(service.broker, "health", None)
+        self._backend = health if isinstance(health, BackendHealth) else None
+        if self._backend is not None:
+            metrics.watch_redis_errors(self._backend.errors)
         self._page = resources.files("roomcast.transports").joinpath(
             "static", "index.html").read_bytes()
 
@@ -94,12 +113,9 @@ class HttpRoutes:
         if path == "/":
             return response(200, self._page, "text/html; charset=utf-8")
         if path == "/healthz":
-            return json_response(200, {"status": "ok", "node_id": self.config.node_id,
-                                       "broker": self.service.broker.available})
+            return self.healthz()
         if path == "/readyz":
-            if self.lifecycle.accepting:
-                return json_response(200, {"status": "ready"})
-            return json_response(503, {"status": "draining"})
+            return self.readyz()
         if path == "/metrics":
             return response(200, self.metrics.render(),
                             "text/plain; version=0.0.4; charset=utf-8")
@@ -116,6 +132,27 @@ class HttpRoutes:
                 "count": len({m.user_id for m in members}),
             })
         return text_response(404, "not found")
+
+    def healthz(self) -> Response:
+        """Liveness: 200 whenever the process serves HTTP, whatever Redis does (a restart would
+        not bring Redis back); ``broker`` and, in cluster mode, ``redis`` say how it is."""
+        body: dict[str, Any] = {"status": "ok", "node_id": self.config.node_id,
+                                "broker": self.service.broker.available}
+        if self._backend is not None:
+            body["redis"] = self._backend.problem() or "ok"
+        return json_response(200, body)
+
+    def readyz(self) -> Response:
+        """Readiness: 503 ``draining`` from the start of a drain; 503 ``unavailable`` with the
+        reason while Redis is unreachable or refuses writes (``redis``: unreachable, timeout,
+        oom, readonly, misconf, error), from the write probe and the failures requests saw;
+        otherwise 200 ``ready``."""
+        if not self.lifecycle.accepting:
+            return json_response(503, {"status": "draining"})
+        problem = self._backend.problem() if self._backend is not None else None
+        if problem is not None:
+            return json_response(503, {"status": "unavailable", "redis": problem})
+        return json_response(200, {"status": "ready"})
 
     async def admin(self, request: Request, method: str, path: str) -> Response:
         token = self.config.admin_token
