@@ -129,6 +129,11 @@ async def test_read_only_replica_readyz_says_readonly(
     answers 503 {"redis": "readonly"}."""
     with extra_redis() as replica:
         client = redis.Redis.from_url(replica.url)
+        # The full sync goes over the socket on both sides: no RDB file in the working directory.
+        primary = redis.Redis.from_url(redis_server.url)
+        primary.config_set("repl-diskless-sync", "yes")
+        primary.config_set("repl-diskless-sync-delay", 0)
+        client.config_set("repl-diskless-load", "on-empty-db")
         client.replicaof("127.0.0.1", redis_server.port)
         await wait_for(lambda: client.info("replication")["master_link_status"] == "up",
                        timeout=10, what="replica in sync")
