@@ -8,6 +8,7 @@ bench) are imported when their own subcommand runs, so that a serving process ne
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import importlib
 import sys
@@ -34,6 +35,17 @@ TOOLS: dict[str, tuple[str, str]] = {
 }
 
 
+def raise_fd_limit() -> None:
+    """Every WebSocket is a file descriptor: lift the soft limit to the hard one (a node with the
+    usual soft 1024 would refuse connections long before it runs out of anything else)."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or soft < hard:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
 def tune_gc() -> None:
     """Process-wide GC settings for a serving node (called once, after start-up)."""
     gc.freeze()
@@ -50,6 +62,7 @@ def run_node(args: argparse.Namespace) -> int:
     from roomcast.app import Node
 
     logs.configure(cfg.log_format, cfg.log_level)
+    raise_fd_limit()
 
     async def serve_node() -> None:
         node = Node(cfg)
