@@ -81,6 +81,8 @@ class Node:
             ping_timeout=cfg.ping_timeout or None,
             close_timeout=cfg.close_timeout,
             server_header="roomcast",
+            # Charges each frame to the rate limit as it arrives (transports/websocket.py).
+            create_connection=self.websocket.connection_class,
         )
         sockname = next(iter(self.server.sockets)).getsockname()
         self.port = sockname[1]

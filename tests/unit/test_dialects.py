@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 
 from roomcast.protocol import dialects
 from roomcast.protocol import envelopes as protocol
+from roomcast.protocol.codecs import FastApiCodec
 from roomcast.protocol.dialects import Ping, Say, Typing, Unknown
 
 FUZZ = settings(database=None, deadline=None, max_examples=200)
@@ -178,3 +179,34 @@ def test_encoders_cover_both_compatibility_dialects() -> None:
     assert sorted(dialects.ENCODERS) == ["fastapi", "tutorial"]
     assert dialects.ENCODERS["fastapi"] is dialects.encode_fastapi
     assert dialects.ENCODERS["tutorial"] is dialects.encode_tutorial
+
+
+# --- hardening ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("depth", [65, 254, 1023])
+def test_fastapi_content_nested_too_deep_is_bad_request(depth: int) -> None:
+    """A FastAPI message whose content nests deeper than 64 levels is refused (bad_request,
+    naming the dialect's field), not published."""
+    frame = '{"type":"message","content":' + "[" * depth + "]" * depth + "}"
+    with pytest.raises(protocol.ProtocolError) as caught:
+        FastApiCodec("lobby").decode(frame)
+    assert caught.value.code == protocol.ErrorCode.BAD_REQUEST
+    assert caught.value.message.startswith("content must not nest")
+
+
+def test_fastapi_content_within_the_limit_is_published() -> None:
+    """Nested content up to the limit is published unchanged."""
+    content = orjson.loads("[" * 64 + "]" * 64)
+    request = FastApiCodec("lobby").decode(orjson.dumps({"content": content}).decode())
+    assert request == protocol.Publish("lobby", content)
+
+
+@pytest.mark.parametrize(
+    ("kind", "shown"),
+    [("[" * 1023 + "]" * 1023, "[...]"), ('{"a": {"b": 1}}', "{...}"), ("null", "None")],
+)
+def test_parse_fastapi_shows_an_unknown_type_without_its_nesting(kind: str, shown: str) -> None:
+    """An array or object as type is shown by its brackets only: its text may nest 1023 deep
+    (more than Python's recursion limit)."""
+    assert dialects.parse_fastapi('{"type":' + kind + "}") == Unknown(shown)

@@ -456,3 +456,169 @@ def test_event_and_reconnect_envelopes() -> None:
     assert orjson.loads(protocol.reconnect(250, rooms)) == {
         "type": "reconnect", "retry_after_ms": 250, "rooms": rooms
     }
+
+
+# --- hardening: depth, offsets, printable names, history pages ---------------------------------
+
+
+def nested_json(depth: int) -> str:
+    return "[" * depth + "1" + "]" * depth
+
+
+@pytest.mark.parametrize("depth", [0, 1, protocol.MAX_DATA_DEPTH])
+def test_publish_data_up_to_the_depth_limit_is_accepted(depth: int) -> None:
+    """Data nested up to MAX_DATA_DEPTH (64) arrays is published as given."""
+    frame = '{"type":"publish","room":"r","data":' + nested_json(depth) + "}"
+    request = protocol.parse_request(frame)
+    assert isinstance(request, Publish)
+    assert request.data == orjson.loads(nested_json(depth))
+
+
+@pytest.mark.parametrize("depth", [protocol.MAX_DATA_DEPTH + 1, 253, 254, 1023])
+def test_publish_data_nested_deeper_is_bad_request_with_a_reason(depth: int) -> None:
+    """Data nested deeper than 64 levels, up to orjson's parse limit, is bad_request with the
+    id: orjson could not encode the envelope around data 254 or more levels deep."""
+    frame = '{"type":"publish","room":"r","id":"p","data":' + nested_json(depth) + "}"
+    with pytest.raises(ProtocolError) as caught:
+        protocol.parse_request(frame)
+    assert (caught.value.code, caught.value.request_id) == (ErrorCode.BAD_REQUEST, "p")
+    assert "64 levels" in caught.value.message
+
+
+def test_every_accepted_publish_can_be_encoded_into_its_envelope() -> None:
+    """The deepest data accepted still fits in a message envelope (orjson's 254-level limit)."""
+    deepest = orjson.loads(nested_json(protocol.MAX_DATA_DEPTH))
+    prefix = protocol.message_prefix("r", deepest, protocol.sender("u", "U"), 1)
+    assert orjson.loads(protocol.finish_message(prefix, 1, "e"))["data"] == deepest
+
+
+@pytest.mark.parametrize(
+    ("value", "deep"),
+    [
+        (1, False), ("x", False), ([], False), ({}, False),
+        ([[1, 2], {"a": [3]}], False),
+        ({"a": {"b": [1] * 10_000}}, False),  # Wide is fine.
+        (orjson.loads(nested_json(64)), False),
+        (orjson.loads(nested_json(65)), True),
+        ({"k": orjson.loads(nested_json(64))}, True),  # Objects count as levels too.
+    ],
+)
+def test_too_deep_counts_array_and_object_levels(value: Any, deep: bool) -> None:
+    """too_deep counts nested arrays and objects, not their width."""
+    assert protocol.too_deep(value) is deep
+
+
+@pytest.mark.parametrize("offset", [0, 1, protocol.MAX_OFFSET])
+@pytest.mark.parametrize("kind", ["join", "history"])
+def test_since_offsets_up_to_2_63_minus_1_are_accepted(kind: str, offset: int) -> None:
+    """since.offset may be anything from 0 to 2^63 - 1, which both backends answer alike."""
+    request = parse({"type": kind, "room": "r", "since": {"offset": offset, "epoch": "e"}})
+    assert isinstance(request, Join | History)
+    assert request.since == Since(offset, "e")
+
+
+@pytest.mark.parametrize("offset", [2**63, 2**64 - 1])
+@pytest.mark.parametrize("kind", ["join", "history"])
+def test_since_offsets_from_2_63_are_bad_request_naming_the_bound(kind: str, offset: int) -> None:
+    """since.offset of 2^63 or more is bad_request, and the message says the bound."""
+    err = parse_error({"type": kind, "room": "r", "id": "s",
+                       "since": {"offset": offset, "epoch": "e"}})
+    assert (err.code, err.request_id) == (ErrorCode.BAD_REQUEST, "s")
+    assert str(2**63 - 1) in err.message
+
+
+PRINTABLE = ["alice", "Zoë", "李小龍", "o'brien-2", "a b", "🎉", "e\u0301", "x\u00a0y", "Ωμέγα"]
+NOT_PRINTABLE = [
+    "nul\x00", "tab\t", "line\nbreak", "cr\r", "del\x7f", "c1\x85",  # Cc
+    "bidi\u202eevil", "zero\u200bwidth", "zwj\u200d", "bom\ufeff", "lrm\u200e",  # Cf
+    "sep\u2028x", "para\u2029x",  # Zl, Zp
+    "priv\ue000", "unassigned\U000e0fff",  # Co, Cn
+]
+
+
+@pytest.mark.parametrize("text", PRINTABLE)
+def test_printable_accepts_letters_marks_symbols_and_spaces(text: str) -> None:
+    """Letters of any script, combining marks, emoji and spaces are printable."""
+    assert protocol.printable(text) is True
+
+
+@pytest.mark.parametrize("text", NOT_PRINTABLE)
+def test_printable_refuses_controls_format_separators_private_and_unassigned(text: str) -> None:
+    """Controls, format characters (bidi, zero-width), line/paragraph separators, private-use
+    and unassigned code points are not printable."""
+    assert protocol.printable(text) is False
+
+
+def test_printable_refuses_a_lone_surrogate() -> None:
+    """A lone surrogate (category Cs) is not printable."""
+    assert protocol.printable("a\ud800") is False
+
+
+@pytest.mark.parametrize("nick", [f"{text}x" for text in NOT_PRINTABLE])
+def test_join_with_a_nick_that_is_not_printable_is_bad_request(nick: str) -> None:
+    """A join nick with a character that is not printable inside it is bad_request (whitespace
+    around a nick is stripped first, as before)."""
+    err = parse_error({"type": "join", "room": "r", "nick": nick, "id": 9})
+    assert (err.code, err.request_id) == (ErrorCode.BAD_REQUEST, 9)
+    assert err.message.startswith("nick may have only printable characters")
+
+
+@pytest.mark.parametrize("nick", PRINTABLE)
+def test_join_with_a_printable_nick_is_accepted(nick: str) -> None:
+    """Printable nicks of any script are accepted, stripped."""
+    assert parse({"type": "join", "room": "r", "nick": f" {nick} "}) == Join("r", nick=nick)
+
+
+@pytest.mark.parametrize("value", ["", "a" * 64, 0, -(2**63), 2**64 - 1])
+def test_valid_id_accepts_short_strings_and_integers(value: object) -> None:
+    """Ids are strings of at most 64 characters or integers."""
+    assert protocol.valid_id(value) is True
+
+
+@pytest.mark.parametrize("value", ["a" * 65, True, 1.5, None, [1], {"a": 1}])
+def test_valid_id_refuses_everything_else(value: object) -> None:
+    """Long strings, booleans, floats, null, arrays and objects are not ids."""
+    assert protocol.valid_id(value) is False
+
+
+def stored_messages(count: int, size: int) -> list[bytes]:
+    return [
+        protocol.finish_message(protocol.message_prefix(
+            "r", "x" * size, protocol.sender("u", "U"), n), n, "e") for n in range(1, count + 1)
+    ]
+
+
+def test_history_page_keeps_the_whole_reply_within_the_budget() -> None:
+    """A page is the oldest messages whose reply fits in max_bytes, with more=True; the reply
+    built from it is at most max_bytes."""
+    messages = stored_messages(50, 1000)
+    page, more = protocol.history_page(messages, 10_000)
+    assert more is True
+    assert page == messages[: len(page)] and 1 <= len(page) < 50
+    reply = protocol.history_reply("r", page, 50, "e", "x" * 64, True, more)
+    assert len(reply) <= 10_000
+    # One more message would not have fitted.
+    longer = protocol.history_reply("r", messages[: len(page) + 1], 50, "e", "x" * 64, True, True)
+    assert len(longer) > 10_000 - protocol.HISTORY_HEAD_BYTES
+
+
+def test_history_page_of_what_fits_is_everything_and_says_no_more() -> None:
+    """When every message fits, the page is all of them and more is False."""
+    messages = stored_messages(5, 10)
+    assert protocol.history_page(messages, 1024) == (messages, False)
+    assert protocol.history_page([], 1024) == ([], False)
+
+
+def test_history_page_holds_at_least_one_message_however_large() -> None:
+    """A message larger than the budget is sent alone, so that paging always moves on."""
+    messages = stored_messages(3, 5000)
+    assert protocol.history_page(messages, 1024) == (messages[:1], True)
+    assert protocol.history_page(messages[2:], 1024) == (messages[2:], False)
+
+
+def test_history_reply_says_more_only_when_there_is_more() -> None:
+    """more: true comes before the id; a last page carries no more field at all."""
+    page = protocol.history_reply("r", [], 5, "e", 3, recovered=True, more=True)
+    assert page == (b'{"type":"history","room":"r","offset":5,"epoch":"e","recovered":true,'
+                    b'"more":true,"id":3,"messages":[]}')
+    assert b"more" not in protocol.history_reply("r", [], 5, "e", 3, recovered=True)

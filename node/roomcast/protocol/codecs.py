@@ -42,7 +42,7 @@ class Codec(Protocol):
 
     def history(
         self, room: str, messages: list[bytes], offset: int, epoch: str, request_id: Any,
-        recovered: bool | None,
+        recovered: bool | None, more: bool = False,
     ) -> bytes | None: ...
 
 
@@ -74,9 +74,10 @@ class NativeCodec:
 
     def history(
         self, room: str, messages: list[bytes], offset: int, epoch: str, request_id: Any,
-        recovered: bool | None,
+        recovered: bool | None, more: bool = False,
     ) -> bytes:
-        return envelopes.history_reply(room, messages, offset, epoch, request_id, recovered)
+        return envelopes.history_reply(room, messages, offset, epoch, request_id, recovered,
+                                       more)
 
 
 class _ChatCodec:
@@ -104,7 +105,7 @@ class _ChatCodec:
 
     def history(
         self, room: str, messages: list[bytes], offset: int, epoch: str, request_id: Any,
-        recovered: bool | None,
+        recovered: bool | None, more: bool = False,
     ) -> None:
         return None
 
@@ -119,7 +120,8 @@ class FastApiCodec(_ChatCodec):
             raise ProtocolError(ErrorCode.BAD_REQUEST, "binary frames are not accepted; send text")
         match dialects.parse_fastapi(frame):
             case dialects.Say(content):
-                return envelopes.Publish(self.room, content)
+                return envelopes.Publish(self.room,
+                                         envelopes.check_data(content, name="content"))
             case dialects.Typing():
                 return envelopes.Typing(self.room)
             case dialects.Ping():

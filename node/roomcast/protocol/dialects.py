@@ -76,7 +76,17 @@ def parse_fastapi(frame: str | bytes) -> FastApiAction:
         return Typing()
     if kind == "ping":
         return Ping()
-    return Unknown(str(kind)[:32])
+    return Unknown(_shown(kind))
+
+
+def _shown(kind: Any) -> str:
+    """An unknown ``type`` as an error message may quote it: at most 32 characters, and an
+    array or object only by its brackets (its text could nest 1000 levels deep)."""
+    if isinstance(kind, list):
+        return "[...]"
+    if isinstance(kind, dict):
+        return "{...}"
+    return str(kind)[:32]
 
 
 def fastapi_user_event(kind: str, room: str, user_id: str, username: str, ts_ms: int) -> bytes:

@@ -8,6 +8,7 @@ here. Envelopes are encoded once, with orjson, into the exact bytes that clients
 from __future__ import annotations
 
 import re
+import unicodedata
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -16,6 +17,20 @@ import orjson
 ROOM_RE: Final = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
 MAX_ID_LENGTH: Final = 64
 MAX_HISTORY_LIMIT: Final = 1000
+#: The largest ``since.offset``: Redis stream IDs are unsigned 64-bit and the next offset is
+#: asked for, so both backends answer every offset up to 2^63 - 1 alike (recovered: false).
+MAX_OFFSET: Final = 2**63 - 1
+#: How deep publish data may nest arrays and objects (``[[1]]`` is 2). orjson encodes at most
+#: 254 levels and an envelope adds its own, so deeper data could be parsed but not sent on.
+MAX_DATA_DEPTH: Final = 64
+#: Unicode general categories no identifier or display name may contain: controls (NUL,
+#: newlines, escapes), format characters (bidi overrides, zero-width spaces and joiners), line
+#: and paragraph separators, surrogates, private use and unassigned code points.
+NOT_PRINTABLE: Final = frozenset({"Cc", "Cf", "Zl", "Zp", "Cs", "Co", "Cn"})
+PRINTABLE_RULE: Final = (
+    "only printable characters: no control, format (bidi, zero-width), line or paragraph "
+    "separator, surrogate, private-use or unassigned code points"
+)
 
 
 class ErrorCode:
@@ -106,6 +121,50 @@ def valid_room(name: object) -> bool:
     return isinstance(name, str) and ROOM_RE.fullmatch(name) is not None
 
 
+def printable(text: str) -> bool:
+    """True when ``text`` has no character of a ``NOT_PRINTABLE`` category (the rule for user
+    ids, usernames and nicks; letters, marks, digits, punctuation, symbols, spaces are fine)."""
+    if text.isascii():
+        return text.isprintable()  # The common case, in C: ASCII minus the controls.
+    return not any(unicodedata.category(ch) in NOT_PRINTABLE for ch in text)
+
+
+def valid_id(value: object) -> bool:
+    """True for a request ``id``: a string of at most 64 characters or an integer."""
+    return (isinstance(value, str) and len(value) <= MAX_ID_LENGTH) or (
+        isinstance(value, int) and not isinstance(value, bool))
+
+
+def too_deep(value: Any, limit: int = MAX_DATA_DEPTH) -> bool:
+    """True when ``value`` nests arrays and objects more than ``limit`` levels deep.
+
+    Iterative, so that data nested up to orjson's parse limit (1024) cannot exhaust the stack.
+    """
+    if not isinstance(value, dict | list):
+        return False
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    while stack:
+        container, depth = stack.pop()
+        if depth > limit:
+            return True
+        for child in container.values() if isinstance(container, dict) else container:
+            if isinstance(child, dict | list):
+                stack.append((child, depth + 1))
+    return False
+
+
+def check_data(data: Any, request_id: Any = None, name: str = "data") -> Any:
+    """``data`` when it can be published; ProtocolError(bad_request) when it nests too deep
+    (``name``: the field as the client's dialect calls it)."""
+    if too_deep(data):
+        raise ProtocolError(
+            ErrorCode.BAD_REQUEST,
+            f"{name} must not nest arrays and objects more than {MAX_DATA_DEPTH} levels deep",
+            request_id,
+        )
+    return data
+
+
 def decode_json(frame: str | bytes) -> Any:
     """Parse a text frame as JSON; raise ProtocolError(bad_request) when it is not JSON."""
     try:
@@ -132,10 +191,7 @@ def parse_object(obj: Any) -> Request:
     if not isinstance(obj, dict):
         raise ProtocolError(ErrorCode.BAD_REQUEST, "a request must be a JSON object")
     request_id = obj.get("id")
-    if request_id is not None and not (
-        (isinstance(request_id, str) and len(request_id) <= MAX_ID_LENGTH)
-        or (isinstance(request_id, int) and not isinstance(request_id, bool))
-    ):
+    if request_id is not None and not valid_id(request_id):
         raise ProtocolError(ErrorCode.BAD_REQUEST, "id must be a string (<= 64) or an integer")
     kind = obj.get("type")
     if not isinstance(kind, str):
@@ -157,11 +213,14 @@ def parse_object(obj: Any) -> Request:
     if kind == "publish":
         if "data" not in obj:
             raise ProtocolError(ErrorCode.BAD_REQUEST, "publish needs a 'data' field", request_id)
-        return Publish(room, obj["data"], request_id)
+        return Publish(room, check_data(obj["data"], request_id), request_id)
     if kind == "join":
         nick = obj.get("nick")
         if nick is not None and (not isinstance(nick, str) or not nick.strip()):
             raise ProtocolError(ErrorCode.BAD_REQUEST, "nick must be a non-empty string",
+                                request_id)
+        if nick is not None and not printable(nick.strip()):
+            raise ProtocolError(ErrorCode.BAD_REQUEST, f"nick may have {PRINTABLE_RULE}",
                                 request_id)
         return Join(room, request_id, _parse_since(obj.get("since"), request_id),
                     nick.strip() if nick else None)
@@ -190,13 +249,13 @@ def _parse_since(value: Any, request_id: Any) -> Since | None:
         isinstance(value, dict)
         and isinstance(value.get("offset"), int)
         and not isinstance(value.get("offset"), bool)
-        and value["offset"] >= 0
+        and 0 <= value["offset"] <= MAX_OFFSET
         and isinstance(value.get("epoch"), str)
     ):
         return Since(value["offset"], value["epoch"])
     raise ProtocolError(
         ErrorCode.BAD_REQUEST,
-        "since must be {\"offset\": integer >= 0, \"epoch\": string}",
+        f"since must be {{\"offset\": integer from 0 to {MAX_OFFSET}, \"epoch\": string}}",
         request_id,
     )
 
@@ -250,18 +309,40 @@ def presence_reply(room: str, members: list[dict[str, Any]], request_id: Any = N
 
 def history_reply(
     room: str, messages: list[bytes], offset: int, epoch: str, request_id: Any = None,
-    recovered: bool | None = None,
+    recovered: bool | None = None, more: bool = False,
 ) -> bytes:
     """Stored message envelopes spliced in verbatim: no decode/re-encode of history.
 
     ``recovered`` (given when the request had ``since``) is False when the messages after
-    ``since`` are no longer all kept; ``messages`` is then empty.
+    ``since`` are no longer all kept; ``messages`` is then empty. ``more`` (sent only when
+    true) says that the reply is one page (``history_page``): the client asks again with
+    ``since`` set to the last message's offset.
     """
     body: dict[str, Any] = {"type": "history", "room": room, "offset": offset, "epoch": epoch}
     if recovered is not None:
         body["recovered"] = recovered
+    if more:
+        body["more"] = True
     head = _with_id(body, request_id)
     return head[:-1] + b',"messages":[' + b",".join(messages) + b"]}"
+
+
+#: Bytes of a history reply besides its messages, counted against the page size: the head
+#: (type, room, position, a 64-character id) with room to spare.
+HISTORY_HEAD_BYTES: Final = 256
+
+
+def history_page(messages: list[bytes], max_bytes: int) -> tuple[list[bytes], bool]:
+    """The oldest of ``messages`` that fit in a history reply of ``max_bytes``, and whether
+    some were left for the next page. A page holds at least one message, however large, so
+    that paging always moves on."""
+    budget = max_bytes - HISTORY_HEAD_BYTES
+    used = 0
+    for count, message in enumerate(messages):
+        used += len(message) + 1  # The comma between messages.
+        if used > budget and count > 0:
+            return messages[:count], True
+    return messages, False
 
 
 def sender(user_id: str, username: str) -> dict[str, str]:

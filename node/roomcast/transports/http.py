@@ -2,7 +2,8 @@
 
 Routes: ``/`` (test page; the tutorial dialect's WebSocket when it is an upgrade), ``/healthz``,
 ``/readyz``, ``/metrics``, ``/api/stats``, ``/api/rooms/{room}/members``, and ``/admin/drain``.
-WebSocket upgrades are accepted only on ``/``, ``/ws`` and ``/ws/chat/{room}``.
+WebSocket upgrades are accepted only on ``/``, ``/ws`` and ``/ws/chat/{room}``, and on the last
+two only with a printable ``user_id`` and ``username`` (else 400 with a one-line reason).
 """
 
 from __future__ import annotations
@@ -22,11 +23,12 @@ from roomcast.backends.broker import BrokerUnavailable
 from roomcast.config import Config
 from roomcast.metrics import Metrics
 from roomcast.protocol import envelopes
+from roomcast.protocol.envelopes import ProtocolError
 from roomcast.service.service import Service
-from roomcast.transports.websocket import is_websocket_route
+from roomcast.transports.websocket import is_websocket_route, query_identity, uses_query_identity
 
-REASONS = {200: "OK", 202: "Accepted", 401: "Unauthorized", 404: "Not Found",
-           405: "Method Not Allowed", 503: "Service Unavailable"}
+REASONS = {200: "OK", 202: "Accepted", 400: "Bad Request", 401: "Unauthorized",
+           404: "Not Found", 405: "Method Not Allowed", 503: "Service Unavailable"}
 
 
 def response(status: int, body: bytes, content_type: str) -> Response:
@@ -101,6 +103,11 @@ class HttpRoutes:
         if upgrade:
             if not is_websocket_route(path):
                 return text_response(404, "no WebSocket endpoint at this path")
+            if uses_query_identity(path):
+                try:
+                    query_identity(request.path)
+                except ProtocolError as exc:
+                    return text_response(400, exc.message)
             if not self.lifecycle.accepting:
                 # A draining node sends handshakes elsewhere: 503 makes nginx try the next one.
                 return text_response(503, "node is draining; connect to another node")

@@ -11,7 +11,7 @@ from websockets.asyncio.server import ServerConnection
 
 from roomcast.service.connection import Identity
 from roomcast.service.ratelimit import TokenBucket
-from roomcast.transports.writer import FrameWriter
+from roomcast.transports.writer import FrameWriter, SendBudget
 
 log = structlog.get_logger("roomcast.conn")
 
@@ -30,6 +30,8 @@ class Session:
     #: The dialect it speaks, which is also the encoding of its fan-out.
     codec: str
     limiter: TokenBucket
+    #: The slow-consumer policy (--max-send-buffer) that every write to this client passes.
+    budget: SendBudget
     conn_id: str = field(default_factory=new_conn_id)
     #: room -> nick held in it (None when the join asked for none)
     rooms: dict[str, str | None] = field(default_factory=dict)
@@ -38,8 +40,14 @@ class Session:
     slow: bool = False
 
     def send(self, payload: bytes) -> None:
-        """Write one envelope now, after the fan-out still pending for this client."""
-        self.writer.write_now(self.ws, payload)
+        """Write one envelope now, after the fan-out still pending for this client.
+
+        The one path of every single-client write (replies, history pages, replays, pongs,
+        errors, the drain hint): a client already more than --max-send-buffer behind is cut
+        off with 4000 instead, exactly as fan-out does, and is written nothing more.
+        """
+        if self.budget.admits(self):
+            self.writer.write_now(self.ws, payload)
 
     def close(self, code: int, reason: str) -> None:
         """Start the closing handshake in the background."""

@@ -6,18 +6,28 @@ an automatic join, a nick handshake), every frame goes through the same steps: t
 ``codec.decode`` into a request, one call on the ``Service``, ``codec`` to encode the outcome. An
 error is mapped to the dialect's error shape here, once. Every write to a client goes through
 ``Session.send``: a synchronous push into the connection after any fan-out still pending for it,
-so that replies, history replays and live fan-out reach a client in the order the node made them.
+so that replies, history replays and live fan-out reach a client in the order the node made them,
+under the slow-consumer policy (``SendBudget``, 4000) that fan-out applies.
+
+The rate limit is charged as frames arrive, not as the loop reaches them: ``AdmittedConnection``
+(the node's websockets connection class) takes a token for every frame, control frames included,
+in ``process_event``, and queues each message's verdict beside the message; the loop consumes
+the verdicts in the same order. A backlog the node built up (a stalled Redis, a busy loop) is
+thus never charged to the client, and a flood of pings is closed like any other flood.
 """
 
 from __future__ import annotations
 
+import asyncio
+import collections
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
+from typing import Any, ClassVar
 from urllib.parse import parse_qs, urlsplit
 
 import structlog
 from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed
+from websockets.frames import Frame, Opcode
 
 from roomcast import clock
 from roomcast.backends.broker import BrokerUnavailable
@@ -35,10 +45,10 @@ from roomcast.protocol.codecs import (
 )
 from roomcast.protocol.envelopes import ErrorCode, ProtocolError, Request
 from roomcast.service.connection import Identity
-from roomcast.service.ratelimit import TokenBucket
+from roomcast.service.ratelimit import TokenBucket, Verdict
 from roomcast.service.service import Joined, Service
 from roomcast.transports.session import Session, new_conn_id
-from roomcast.transports.writer import FrameWriter
+from roomcast.transports.writer import FrameWriter, SendBudget
 
 log = structlog.get_logger("roomcast.conn")
 
@@ -48,6 +58,29 @@ FASTAPI_PREFIX = "/ws/chat/"
 
 def is_websocket_route(path: str) -> bool:
     return path in ("/", "/ws") or path.startswith(FASTAPI_PREFIX)
+
+
+def uses_query_identity(path: str) -> bool:
+    """True for the routes whose identity comes from the query string (not the tutorial's)."""
+    return path == "/ws" or path.startswith(FASTAPI_PREFIX)
+
+
+def query_identity(target: str) -> tuple[str, str]:
+    """The ``user_id`` and ``username`` of a request target's query string ("" when absent),
+    URL-decoded and cut to 64 characters each.
+
+    Raises ProtocolError(bad_request), its message naming the field, when either has a
+    character that is not printable (``envelopes.printable``): the handshake is refused.
+    """
+    query = parse_qs(urlsplit(target).query)
+    values = []
+    for name in ("user_id", "username"):
+        value = query.get(name, [""])[0]
+        if not envelopes.printable(value):
+            raise ProtocolError(ErrorCode.BAD_REQUEST,
+                                f"{name} may have {envelopes.PRINTABLE_RULE}")
+        values.append(value[:MAX_IDENTITY_LENGTH])
+    return values[0], values[1]
 
 
 def client_address(ws: ServerConnection, trusted: tuple[str, ...]) -> str:
@@ -66,17 +99,135 @@ def client_address(ws: ServerConnection, trusted: tuple[str, ...]) -> str:
 
 
 def request_id(frame: str | bytes) -> Any:
-    """The id of a request, best effort, for an error envelope about a frame not served."""
+    """The id of a request, best effort, for an error envelope about a frame not served; only
+    a valid id (``envelopes.valid_id``) is echoed."""
     if isinstance(frame, bytes | bytearray | memoryview):
         return None
     try:
         obj = envelopes.decode_json(frame)
     except ProtocolError:
         return None
-    return obj.get("id") if isinstance(obj, dict) else None
+    rid = obj.get("id") if isinstance(obj, dict) else None
+    return rid if envelopes.valid_id(rid) else None
 
 
 Opening = Callable[[Session, Any], Awaitable[bool]]
+
+_DATA_START = (Opcode.TEXT, Opcode.BINARY)
+_CONTROL = (Opcode.PING, Opcode.PONG)
+#: Bytes of one read handed to the protocol at a time, so that a flood is noticed within about
+#: a thousand pings rather than within a whole read (up to 256 KiB, forty thousand pings, which
+#: the library would parse and answer before the node sees the first of them).
+READ_SLICE = 8192
+
+
+class AdmittedConnection(ServerConnection):
+    """The node's websockets server connection: every frame is charged to the connection's
+    token bucket as it arrives.
+
+    websockets 17 calls ``process_event`` for each frame as it is parsed off the socket,
+    before a data frame is queued for ``recv`` (``asyncio/connection.py``). Here a message's
+    verdict (``Verdict``) is taken at its first frame, updated by its continuation frames, and
+    queued in ``verdicts``, one per message in arrival order, for the endpoint's loop. A ping
+    or pong costs a token too; one over the budget is refused only by counting towards the
+    flood close (the library has already answered a ping by the time it is seen here), and
+    the ``flood_close_after``-th refusal in a row closes the connection with 1008 at once.
+    The time during which the library stops reading (more than ``max_queue`` messages wait) is
+    credited to the bucket (``TokenBucket.pause``/``resume``).
+
+    Subclassed per endpoint by ``WebSocketEndpoint`` (``endpoint`` is set); pass that subclass
+    as ``serve(create_connection=...)``.
+    """
+
+    endpoint: ClassVar[WebSocketEndpoint]
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        config = self.endpoint.config
+        self.limiter = TokenBucket(config.rate_limit, config.rate_burst,
+                                   flood_after=config.flood_close_after)
+        #: One verdict per message received and not yet consumed, oldest first.
+        self.verdicts: collections.deque[Verdict] = collections.deque()
+        #: Set once the connection was closed for flooding: it is not read any more.
+        self.flooded = False
+        #: The session over this connection, once the handler made it.
+        self.session: Session | None = None
+
+    def connection_made(self, transport: Any) -> None:
+        super().connection_made(transport)
+        # The assembler of received messages pauses reading the socket when more than
+        # max_queue messages wait for recv(), and resumes it when they are served: the
+        # bucket is told, so that the frames that waited in the socket meanwhile are not
+        # charged as if they had all been sent at once (websockets 17 asyncio/messages.py).
+        assembler = self.recv_messages
+        pause, resume = assembler.pause, assembler.resume
+
+        def paused() -> None:
+            self.limiter.pause()
+            pause()
+
+        def resumed() -> None:
+            self.limiter.resume()
+            if not self.flooded:
+                resume()
+
+        assembler.pause, assembler.resume = paused, resumed
+
+    def data_received(self, data: bytes) -> None:
+        if self.flooded:
+            return  # Nothing a flooder sends after its flood close is looked at.
+        if len(data) <= READ_SLICE:
+            super().data_received(data)
+            return
+        for start in range(0, len(data), READ_SLICE):
+            super().data_received(data[start:start + READ_SLICE])
+            if self.flooded:
+                return
+
+    def process_event(self, event: Any) -> None:
+        if self.request is not None and isinstance(event, Frame):
+            opcode = event.opcode
+            # Every data message gets its verdict, even after a flood close: the loop takes
+            # one per message it receives.
+            if opcode in _DATA_START:
+                self.verdicts.append(self.limiter.charge())
+            elif opcode is Opcode.CONT:
+                verdict = self.limiter.charge()
+                if not verdict.allowed and self.verdicts:
+                    self.verdicts[-1] = verdict  # A message is refused if any frame is.
+            elif opcode in _CONTROL and not self.flooded:
+                self._control(opcode)
+        super().process_event(event)
+
+    def _control(self, opcode: Opcode) -> None:
+        verdict = self.limiter.charge()
+        if not verdict.allowed:
+            self.endpoint.metrics.errors.labels(code=ErrorCode.RATE_LIMITED).inc()
+            if verdict.flood:
+                self.close_flooding()
+                return
+        if opcode is Opcode.PING and self.session is not None:
+            # The library wrote the pong: the same slow-consumer check as every other write.
+            self.endpoint.budget.admits(self.session)
+
+    def close_flooding(self) -> None:
+        """Close with 1008 'rate limit exceeded' and stop reading: nothing more it sends is
+        looked at (the connection is dropped after --close-timeout). Idempotent."""
+        if self.flooded:
+            return
+        self.flooded = True
+        log.info("closing flooding client",
+                 conn_id=self.session.conn_id if self.session is not None else None,
+                 refused=self.limiter.rejected_in_a_row)
+        self.transport.pause_reading()
+        task = asyncio.ensure_future(
+            self.close(CloseCode.POLICY_VIOLATION, "rate limit exceeded"))
+        task.add_done_callback(_log_close_error)
+
+
+def _log_close_error(task: asyncio.Task[None]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.error("closing a flooding client failed", exc_info=task.exception())
 
 
 class WebSocketEndpoint:
@@ -89,14 +240,22 @@ class WebSocketEndpoint:
         self.service = service
         self.writer = writer
         self.metrics = metrics
+        #: The slow-consumer policy of single-client writes (fan-out has its own instance).
+        self.budget = SendBudget(metrics, config.max_send_buffer)
+
+        class NodeConnection(AdmittedConnection):
+            pass
+
+        NodeConnection.endpoint = self
+        #: ``serve(create_connection=...)``: connections charged to this endpoint's limits.
+        self.connection_class: type[AdmittedConnection] = NodeConnection
 
     # --- entry point -------------------------------------------------------------------------
 
     async def handle(self, ws: ServerConnection) -> None:
         """Route a new connection to its dialect; close 1011 on a crash, never leak its text."""
-        assert ws.request is not None
+        assert ws.request is not None and isinstance(ws, AdmittedConnection)
         url = urlsplit(ws.request.path)
-        query = {k: v[0] for k, v in parse_qs(url.query).items()}
         codec: Any
         opening: Opening
         if url.path == "/":
@@ -107,13 +266,17 @@ class WebSocketEndpoint:
         else:
             codec, opening = NativeCodec(), self._open_native
         conn_id = new_conn_id()
-        user_id = query.get("user_id", "")[:MAX_IDENTITY_LENGTH] or f"anon-{conn_id[:8]}"
-        username = query.get("username", "")[:MAX_IDENTITY_LENGTH] or user_id
+        # Checked at the handshake already (HttpRoutes.route answers 400 for a bad one).
+        user_id, username = query_identity(ws.request.path) if uses_query_identity(
+            url.path) else ("", "")
+        user_id = user_id or f"anon-{conn_id[:8]}"
+        username = username or user_id
         session = Session(
             ws=ws, writer=self.writer, identity=Identity(user_id, username), codec=codec.name,
-            limiter=TokenBucket(self.config.rate_limit, self.config.rate_burst),
+            limiter=ws.limiter, budget=self.budget,
             conn_id=conn_id, peer=client_address(ws, self.config.trusted_proxies),
         )
+        ws.session = session
         structlog.contextvars.bind_contextvars(conn_id=conn_id, dialect=codec.name)
         self.service.connected(session)
         self.metrics.connections.labels(dialect=codec.name).inc()
@@ -184,26 +347,36 @@ class WebSocketEndpoint:
                 out = codec.presence(room, [m.to_dict() for m in members], rid)
             case envelopes.History(room, limit, since, rid):
                 result = await service.history(room, since, limit)
-                out = codec.history(room, result.messages, result.offset, result.epoch, rid,
-                                    result.recovered if since is not None else None)
+                # At most --max-reply-size per reply; the client pages on with since.
+                messages, more = envelopes.history_page(result.messages,
+                                                        self.config.max_reply_size)
+                out = codec.history(room, messages, result.offset, result.epoch, rid,
+                                    result.recovered if since is not None else None, more)
         if out is not None:
             session.send(out)
 
     async def _admitted(self, session: Session, codec: Codec) -> AsyncIterator[str | bytes]:
-        """The client's frames that pass the rate limit; ends once a flooder has been closed."""
-        limiter = session.limiter
-        async for frame in session.ws:
-            if limiter.allow():
+        """The client's messages that passed the rate limit when they arrived (their verdicts
+        queue beside them, AdmittedConnection); ends once a flooder has been closed."""
+        ws = session.ws
+        assert isinstance(ws, AdmittedConnection)
+        verdicts = ws.verdicts
+        async for frame in ws:
+            verdict = verdicts.popleft()
+            if ws.flooded:  # Closed for a flood of control frames: serve nothing more.
+                break
+            if verdict.allowed:
                 yield frame
                 continue
             self.metrics.errors.labels(code=ErrorCode.RATE_LIMITED).inc()
-            if limiter.rejected_in_a_row >= self.config.flood_close_after:
-                log.info("closing flooding client", refused=limiter.rejected_in_a_row)
-                await session.ws.close(CloseCode.POLICY_VIOLATION, "rate limit exceeded")
-                return
+            if verdict.flood:
+                ws.close_flooding()
+                break
             # The refused frame is parsed only for its id, so the client can match the refusal.
             session.send(codec.error(ErrorCode.RATE_LIMITED, RATE_LIMITED_TEXT, request_id(frame),
-                                     retry_after_ms=limiter.retry_after_ms()))
+                                     retry_after_ms=verdict.retry_after_ms))
+        # After a flood close: return once the connection is gone (the close frame was sent).
+        await ws.wait_closed()
 
     # --- openings ----------------------------------------------------------------------------
 
@@ -237,15 +410,21 @@ class WebSocketEndpoint:
 
     async def _open_tutorial(self, session: Session, codec: TutorialCodec) -> bool:
         room = codec.room
-        first = dialects.parse_tutorial(await session.ws.recv())
-        nick = dialects.clean_nick(
-            first.get("nick") if first and first.get("type") == "join" else None,
-            self.config.max_nick_length,
-        )
+        ws = session.ws
+        assert isinstance(ws, AdmittedConnection)
+        first = dialects.parse_tutorial(await ws.recv())
+        if ws.verdicts.popleft().allowed:
+            session.limiter.refund()  # The join handshake is free.
+        raw = first.get("nick") if first and first.get("type") == "join" else None
+        nick = dialects.clean_nick(raw, self.config.max_nick_length)
         if not nick:
             session.send(codec.notice(
                 'first send {"type": "join", "nick": "..."} with a non-empty nick'))
             await session.ws.close(CloseCode.POLICY_VIOLATION, "join first")
+            return False
+        if not envelopes.printable(str(raw).strip()):
+            session.send(codec.notice(f"nick may have {envelopes.PRINTABLE_RULE}"))
+            await session.ws.close(CloseCode.POLICY_VIOLATION, "invalid nick")
             return False
         # The tutorial has no identity: its nick is who it is.
         session.identity = Identity(nick, nick)

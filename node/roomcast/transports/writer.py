@@ -122,28 +122,29 @@ class FrameWriter:
         self.frames += len(frames)
 
 
-class SessionFanout:
-    """The service's ``Fanout`` over WebSocket sessions: the slow-consumer policy, then one
-    pre-built frame per message through the node's ``FrameWriter``."""
+class SendBudget:
+    """The slow-consumer policy, one rule for fan-out and for every single-client write.
 
-    def __init__(self, writer: FrameWriter, metrics: Metrics, max_send_buffer: int) -> None:
-        self.writer = writer
+    A client with more than ``max_send_buffer`` bytes waiting in its transport's write buffer
+    is closed with 4000 and written nothing more: it is cut off, never waited for. Checked
+    before each write, so what a client can hold in the node is ``max_send_buffer`` plus one
+    write (a message, or a reply of at most --max-reply-size).
+    """
+
+    def __init__(self, metrics: Metrics, max_send_buffer: int) -> None:
         self._metrics = metrics
-        self._max_send_buffer = max_send_buffer
+        self.max_send_buffer = max_send_buffer
 
-    def send(self, connections: Iterable[Any], payload: bytes, skip: str = "") -> int:
-        targets = []
-        limit = self._max_send_buffer
-        for session in connections:
-            if skip and session.conn_id == skip:
-                continue
-            if session.ws.transport.get_write_buffer_size() > limit:
-                self.cut_slow(session)
-                continue
-            targets.append(session.ws)
-        return self.writer.send(targets, payload)
+    def admits(self, session: Session) -> bool:
+        """True when ``session`` may be written to now; False when it is being cut off."""
+        if session.slow:
+            return False
+        if session.ws.transport.get_write_buffer_size() > self.max_send_buffer:
+            self.cut(session)
+            return False
+        return True
 
-    def cut_slow(self, session: Session) -> None:
+    def cut(self, session: Session) -> None:
         """A client that cannot keep up is closed with 4000, never waited for."""
         if session.slow:
             return
@@ -152,3 +153,30 @@ class SessionFanout:
         log.info("closing slow consumer", conn_id=session.conn_id,
                  buffered=session.ws.transport.get_write_buffer_size())
         session.close(CloseCode.SLOW_CONSUMER, "slow consumer")
+
+
+class SessionFanout:
+    """The service's ``Fanout`` over WebSocket sessions: the slow-consumer policy, then one
+    pre-built frame per message through the node's ``FrameWriter``."""
+
+    def __init__(self, writer: FrameWriter, metrics: Metrics, max_send_buffer: int) -> None:
+        self.writer = writer
+        self.budget = SendBudget(metrics, max_send_buffer)
+
+    def send(self, connections: Iterable[Any], payload: bytes, skip: str = "") -> int:
+        targets = []
+        budget = self.budget
+        limit = budget.max_send_buffer
+        for session in connections:
+            if (skip and session.conn_id == skip) or session.slow:
+                continue
+            # SendBudget.admits, inlined: this loop runs once per member per message.
+            if session.ws.transport.get_write_buffer_size() > limit:
+                budget.cut(session)
+                continue
+            targets.append(session.ws)
+        return self.writer.send(targets, payload)
+
+    def cut_slow(self, session: Session) -> None:
+        """A client that cannot keep up is closed with 4000, never waited for."""
+        self.budget.cut(session)
