@@ -11,6 +11,7 @@ repository root, so ``tests`` is importable).
 from __future__ import annotations
 
 import sys
+import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -35,7 +36,28 @@ def crash_on_data() -> None:
     Service.publish = publish  # type: ignore[method-assign]
 
 
-FAULTS: dict[str, Callable[[], None]] = {"crash_on_data": crash_on_data}
+#: The key of a publish's data that makes ``busy_on_data`` hold the event loop.
+BUSY_KEY = "__busy__"
+
+
+def busy_on_data() -> None:
+    """A publish whose data is ``{"__busy__": seconds}`` keeps the event loop busy for that long
+    (pure-Python work on the loop's thread, as a CPU-bound fan-out would), then is published as
+    usual; nothing else of the node runs meanwhile."""
+    original = Service.publish
+
+    async def publish(self: Service, conn: Connection, room: str, data: Any) -> Any:
+        if isinstance(data, dict) and isinstance(data.get(BUSY_KEY), int | float):
+            until = time.monotonic() + float(data[BUSY_KEY])
+            while time.monotonic() < until:  # Holds the GIL but for the interpreter's switches.
+                pass
+        return await original(self, conn, room, data)
+
+    Service.publish = publish  # type: ignore[method-assign]
+
+
+FAULTS: dict[str, Callable[[], None]] = {"crash_on_data": crash_on_data,
+                                         "busy_on_data": busy_on_data}
 
 
 def main(argv: Sequence[str]) -> None:

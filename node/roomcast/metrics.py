@@ -58,6 +58,16 @@ class Metrics:
             "roomcast_broker_up", "1 while the fan-out backend is reachable", registry=r
         )
         self.ready = Gauge("roomcast_ready", "1 while accepting connections", registry=r)
+        self.presence_left_suppressed = Counter(
+            "roomcast_presence_left_suppressed",
+            "user_left events about a user connected on this node, not shown to its members "
+            "(a peer reaped this node while it was paused)", registry=r,
+        )
+        self.presence_reannounced = Counter(
+            "roomcast_presence_reannounced",
+            "Users announced again with user_joined after the cluster had counted them gone",
+            registry=r,
+        )
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -95,6 +95,22 @@ async def test_a_closed_store_announces_no_user_left(backend: Backend) -> None:
     assert recorder.calls == []
 
 
+async def test_restore_of_a_present_user_changes_nothing(backend: Backend) -> None:
+    """restore() of a user whose entries the store has writes nothing new: no second entry, no
+    user_left; restoring a user or room it does not know is harmless."""
+    store, recorder = await backend.presence()
+    ann = member("u1", "c1")
+    await store.add("r", ann)
+    await store.restore("r", "u1")
+    await store.restore("r", "nobody")
+    await store.restore("elsewhere", "u1")
+    assert await store.members("r") == [ann]
+    assert await store.members("elsewhere") == []
+    await recorder.settle(store)
+    assert recorder.users_left() == []
+    assert await store.add("r", member("u1", "c2")) is False  # Still counted once.
+
+
 async def test_members_are_listed_oldest_first(backend: Backend) -> None:
     """members() lists every connection of the room by join time, each as it was added."""
     store, _ = await backend.presence()

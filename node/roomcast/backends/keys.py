@@ -9,6 +9,11 @@ the channel can move to sharded pub/sub (SPUBLISH) without renaming anything. No
 cluster-wide names carry no tag and each is touched only by commands (or one-key scripts) of its
 own, never together with a room's keys (tests/unit/test_slots.py computes the slots).
 
+Expiry (presence_redis.py): every presence key of a room (``pres``, ``presnodes``, ``users``,
+``nicks``, ``leaves``, ``leavenames``) and each ``noderooms`` set carry a TTL (--idle-room-ttl,
+with a floor) that the nodes with entries there refresh; ``node:<node>`` lives two leases. Only
+``nodes`` and ``leaverooms`` have none: each names what another node reaps or announces.
+
 =========================  ==========================================  ==================
 name                       what                                        slot
 =========================  ==========================================  ==================

@@ -4,6 +4,12 @@ Presence is per connection (a user with two tabs has two entries) but events are
 "joins" a room when their first connection enters it and "leaves" once they have had none for the
 grace window, so a reconnect within the window causes no user_left/user_joined flap.
 ``MemoryPresence`` (here) serves a lone node; ``RedisPresence`` (presence_redis.py) a cluster.
+
+In a cluster the store may have to repair: a node that was paused past its lease is reaped by a
+peer (its users announced gone) although its connections are still open. When it comes back it
+writes its entries again and reports each user that the cluster no longer counted through
+``on_user_back`` (the service announces them with user_joined again); ``restore`` does the same
+for one user on demand (the service saw a user_left about a user connected here).
 """
 
 from __future__ import annotations
@@ -34,11 +40,17 @@ class Member:
 
 #: Called with (room, user_id, username) once a user has been gone for the grace window.
 OnUserLeft = Callable[[str, str, str], Awaitable[None]]
+#: Called with (room, user_id, username) for a user connected on this node whom the cluster had
+#: stopped counting (this node was reaped, or the store lost its data) once the store counts the
+#: user again: announce user_joined again, or some members keep believing the user gone.
+OnUserBack = Callable[[str, str, str], Awaitable[None]]
 
 
 class PresenceStore(Protocol):
-    async def start(self, on_user_left: OnUserLeft) -> None:
-        """Begin background work (leases, reaping); user_left decisions go to the callback."""
+    async def start(self, on_user_left: OnUserLeft, on_user_back: OnUserBack | None = None
+                    ) -> None:
+        """Begin background work (leases, reaping); user_left decisions go to the first
+        callback, users written back after the cluster lost them to the second."""
 
     async def close(self) -> None:
         """Remove this node's entries at once (a clean shutdown) and stop. Idempotent."""
@@ -51,6 +63,11 @@ class PresenceStore(Protocol):
 
     async def members(self, room: str) -> list[Member]:
         """Every live connection in the room, cluster-wide, oldest first."""
+
+    async def restore(self, room: str, user_id: str) -> None:
+        """Write this node's connections of ``user_id`` in ``room`` back wherever the store
+        lost them (the cluster announced the user gone while connected here). Idempotent; does
+        not call on_user_back."""
 
     async def claim_nick(self, room: str, nick: str, member: Member) -> bool:
         """Reserve ``nick`` in the room for this connection; False when another holds it."""
@@ -80,7 +97,9 @@ class MemoryPresence:
         self._connections = 0
         self._tasks: set[asyncio.Task[None]] = set()
 
-    async def start(self, on_user_left: OnUserLeft) -> None:
+    async def start(self, on_user_left: OnUserLeft, on_user_back: OnUserBack | None = None
+                    ) -> None:
+        # A lone node is never reaped and never loses its entries: nothing comes back.
         self._on_user_left = on_user_left
 
     async def close(self) -> None:
@@ -131,6 +150,9 @@ class MemoryPresence:
 
     async def members(self, room: str) -> list[Member]:
         return sorted(self._rooms.get(room, {}).values(), key=lambda m: m.joined_at)
+
+    async def restore(self, room: str, user_id: str) -> None:
+        """Nothing to do: memory never loses a connected user's entries."""
 
     async def claim_nick(self, room: str, nick: str, member: Member) -> bool:
         holders = self._nicks.setdefault(room, {})

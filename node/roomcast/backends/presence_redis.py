@@ -6,9 +6,26 @@ each user's connections, so that user_joined/user_left are per user, a nicks has
 room's pending user_left decisions (a zset user_id -> deadline and a hash of usernames).
 Node-level: a zset of node leases, each node's info hash and the set of rooms where it has
 entries. Cluster-wide: an index of the rooms that may have pending leaves. Every node, once a
-second, refreshes its lease, reaps nodes whose lease ran out and announces due user_left
-decisions. A node killed with -9 vanishes from queries as soon as its lease expires
-(node_lease_ttl, default 5 s), because queries read only live nodes' hashes.
+second, reaps nodes whose lease ran out and announces every due user_left decision. A node
+killed with -9 vanishes from queries as soon as its lease expires (node_lease_ttl, default
+5 s), because queries read only live nodes' hashes.
+
+Leases: what only the dead lose. The lease is renewed from a thread of its own with its own
+synchronous Redis connection (``_LeaseKeeper``), a few times per lease, so that an event loop
+busy with a fan-out, a burst of handshakes or a long garbage collection cannot starve it: a
+pure-Python loop gives the GIL up every few milliseconds. A loop that has not turned for
+``HUNG_AFTER`` seconds is hung, not busy: the thread stops renewing and the node is reaped like a
+dead one. A reaper judges a lease lapsed only ``REAP_MARGIN_MS`` after its deadline (owner and
+reaper compare two wall clocks), never right after a Redis stall (every lease lapsed then, see
+``_may_reap``). A node stopped for longer than its lease (SIGSTOP, a VM freeze) is reaped all the
+same: nothing of it can run. When it comes back its thread finds the lease gone and the node
+repairs: it writes its entries back, and each user the cluster had stopped counting is reported
+through ``on_user_back`` (the service announces user_joined again).
+
+Expiry: every per-room key has a TTL (``room_ttl``, --idle-room-ttl, or ``key_ttl``'s floor),
+set by each script that writes it and refreshed by every node with entries in the room a few
+times per TTL (``_touch_rooms``); keys that empty are gone at once (Redis drops an empty hash,
+set or zset). So a room nobody is in leaves nothing behind, even if the whole cluster died.
 
 Redis Cluster: every Lua script touches only the keys it is given, all in one slot: a room's
 scripts only that room's ``{room}`` keys, the others (lua/claim_due.lua, lua/leave_index.lua)
@@ -26,35 +43,68 @@ race or die between them (the comments at each call say why):
   which another node takes over when it runs out (lua/claim_due.lua).
 * A reap ends by deleting the node's lease, after its last room: a node that was judged dead
   but was only paused, and wrote its entries again while being reaped, finds its lease gone on
-  its next refresh and writes them once more, after the reap.
+  its next renewal and writes them once more, after the reap.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+import threading
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import orjson
+import redis
 import redis.asyncio as aioredis
 import structlog
+from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
+from redis.retry import Retry
 
 from roomcast import clock
 from roomcast.backends.keys import Keys
-from roomcast.backends.presence import Member, OnUserLeft, nick_key
+from roomcast.backends.presence import Member, OnUserBack, OnUserLeft, nick_key
 from roomcast.backends.redis_common import as_str, load_script, unavailable_on_redis_error
+from roomcast.config import Config
 
 log = structlog.get_logger("roomcast.presence")
 
-#: Seconds between lease refreshes, reaps and user_left claims. A constant, not a setting: the
-#: lease (--node-lease-ttl, default 5 s) must span several ticks, and user_left is announced at
-#: most one tick after the grace window.
+#: Seconds between reaps, user_left claims and key refreshes, and the longest pause between
+#: lease renewals (which come at least four times per lease). A constant, not a setting: the
+#: lease (--node-lease-ttl, default 5 s) must span several renewals, and user_left is announced
+#: at most one tick after the grace window.
 TICK = 1.0
 
-#: Rooms looked at, and due leaves taken per room, in one tick; the rest wait for the next.
+#: Rooms read from the leave-rooms index, and due leaves popped from a room, in one call. A tick
+#: goes on, batch after batch, until nothing due is left (at most MAX_PAGES pages of rooms).
 BATCH = 100
+MAX_PAGES = 100
+
+#: Milliseconds past a lease's deadline before a reaper takes the node for dead. The deadline is
+#: written by the owner's clock and read by the reaper's, and a renewal may be on its way.
+REAP_MARGIN_MS = 1000
+
+#: Seconds without a turn of the event loop after which the node counts as hung rather than
+#: busy: the lease thread stops renewing, so peers reap it (its clients' pings time out around
+#: then too). A constant: far above any pause a serving loop has, far below "forever".
+HUNG_AFTER = 30.0
+
+#: --idle-room-ttl's default, for a store built without one.
+DEFAULT_ROOM_TTL = Config(node_id="-").idle_room_ttl
+
+#: Rooms whose presence keys get their TTL refreshed in one tick (one pipeline).
+TOUCH_BATCH = 1000
+
+
+def key_ttl(room_ttl: float, lease_ttl: float) -> float:
+    """Seconds a room's presence keys live without a refresh: ``room_ttl`` (--idle-room-ttl),
+    but never so short that they could expire under a node that is not yet reaped. A node
+    refreshes them every third of this; one whose loop hangs stops renewing its lease after
+    HUNG_AFTER and is reaped a lease, the margin and a tick or two later, which must come first
+    (a reap takes the node's connections out of the room's user counts; an expiry would not)."""
+    return max(room_ttl, 3 * (HUNG_AFTER + lease_ttl + REAP_MARGIN_MS / 1000 + 2 * TICK))
+
 
 #: Tries of claim_nick's read-then-swap when the holder keeps changing under it; then the nick
 #: counts as taken (others are fighting over it).
@@ -62,6 +112,126 @@ NICK_ATTEMPTS = 3
 
 SCRIPTS = ("presence_add", "presence_remove", "reap_node", "leaves_due", "claim_nick",
            "claim_due", "leave_index")
+
+#: Connection settings the lease thread's synchronous client takes over from the async client.
+_SYNC_SETTINGS = ("host", "port", "db", "username", "password", "path", "socket_timeout",
+                  "socket_connect_timeout")
+_SYNC_CONNECTIONS: dict[str, Any] = {
+    "Connection": redis.connection.Connection,
+    "SSLConnection": redis.connection.SSLConnection,
+    "UnixDomainSocketConnection": redis.connection.UnixDomainSocketConnection,
+}
+
+
+def sync_twin(client: aioredis.Redis, name: str, timeout: float) -> redis.Redis:
+    """A synchronous client of the same Redis as ``client`` (same address, database,
+    credentials and TLS), named ``name``, whose every call gives up after ``timeout`` seconds
+    and is retried at most once: a renewal that takes longer than that is too late anyway."""
+    pool = client.connection_pool
+    settings = {key: value for key, value in pool.connection_kwargs.items()
+                if key in _SYNC_SETTINGS or key.startswith("ssl_")}
+    for key in ("socket_timeout", "socket_connect_timeout"):
+        settings[key] = min(settings.get(key) or timeout, timeout)
+    return redis.Redis(connection_pool=redis.ConnectionPool(
+        connection_class=_SYNC_CONNECTIONS[pool.connection_class.__name__],
+        max_connections=2, client_name=name, retry=Retry(NoBackoff(), 1), **settings))
+
+
+class _LeaseKeeper:
+    """Renews one node's lease from a thread of its own, so that the event loop's load cannot
+    delay it (see the module docstring), and tells the loop what it found.
+
+    Every attribute the loop reads is a plain value written by the thread (safe under the GIL):
+    ``renewed_at`` when the last renewal succeeded (monotonic, 0 for never), ``reap_after`` the
+    earliest time the loop may judge peers again after Redis stalled, ``losses`` how many times
+    the lease was found gone or held by a reaper (the loop re-registers when it grows). The loop
+    writes ``loop_beat`` on every turn it gets to (``beat``).
+    """
+
+    def __init__(self, client: redis.Redis, keys: Keys, node_id: str, lease_ms: int,
+                 room_ttl_ms: int, connections: Callable[[], int]) -> None:
+        self._client = client
+        self._keys = keys
+        self._node_id = node_id
+        self._lease_ms = lease_ms
+        self._room_ttl_ms = room_ttl_ms
+        self._connections = connections
+        self._log = log.bind(node_id=node_id)  # Threads do not see the loop's contextvars.
+        self.renewed_at = 0.0
+        self.reap_after = 0.0
+        self.losses = 0
+        self.loop_beat = clock.monotonic()
+        self._hung = False
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"lease-{node_id}", daemon=True)
+
+    def interval(self) -> float:
+        return min(TICK, self._lease_ms / 4000)
+
+    def beat(self) -> None:
+        """The event loop turned (called on the loop)."""
+        self.loop_beat = clock.monotonic()
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self, timeout: float) -> None:
+        """Renew no more; wait up to ``timeout`` for a renewal under way (blocking: call it in
+        a thread of its own)."""
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+        self._client.close()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval()):
+            stalled = clock.monotonic() - self.loop_beat
+            if stalled > HUNG_AFTER:
+                if not self._hung:
+                    self._log.warning("event loop hung; lease no longer renewed",
+                                      seconds=round(stalled, 1))
+                self._hung = True
+                continue
+            if self._hung:
+                self._log.info("event loop turning again; lease renewed")
+                self._hung = False
+            try:
+                self.renew()
+            except (RedisError, OSError) as exc:
+                self._log.debug("lease renewal failed", error=str(exc))
+            except Exception:
+                self._log.error("lease renewal crashed", exc_info=True)
+
+    def renew(self) -> None:
+        """One renewal (from the thread, or from a worker thread at start)."""
+        k = self._keys
+        # Read the old score and renew in one transaction (one key, one slot), so that no reap
+        # can slip between the check and the renewal unnoticed.
+        with self._client.pipeline(transaction=True) as pipe:
+            pipe.zscore(k.nodes(), self._node_id)
+            pipe.zadd(k.nodes(), {self._node_id: clock.now_ms() + self._lease_ms})
+            previous, _ = pipe.execute()
+        now = clock.monotonic()
+        if self.renewed_at and now - self.renewed_at > self._lease_ms / 1000:
+            # No renewal got through for a whole lease: Redis (or this process) stalled, so
+            # every peer's lease may have lapsed too. Give them one lease to renew before
+            # judging anyone dead, or live users would get a false user_left. Written before
+            # renewed_at, which the loop reads first (_may_reap).
+            self.reap_after = now + self._lease_ms / 1000
+        self.renewed_at = now
+        if previous is None or float(previous) < 0:
+            # No lease (Redis lost its data, or a reaper finished with us after a long pause)
+            # or a reaper's hold on us (it is dropping our entries right now). The lease is
+            # renewed before the entries are written back: a reaper still at work deletes the
+            # lease when it is done, and then we write them again after the next renewal.
+            self.losses += 1
+        # Node-level keys, one command each (different slots). The rooms set lives as long as
+        # the node's entries could (a reaper of this node needs it), and no longer.
+        with self._client.pipeline(transaction=False) as pipe:
+            pipe.hset(k.node_info(self._node_id), mapping={"connections": self._connections()})
+            pipe.pexpire(k.node_info(self._node_id), self._lease_ms * 2)
+            pipe.pexpire(k.node_rooms(self._node_id), self._room_ttl_ms)
+            pipe.execute()
 
 
 class _RoomLocks:
@@ -87,49 +257,76 @@ class _RoomLocks:
 
 class RedisPresence:
     def __init__(
-        self, redis: aioredis.Redis, keys: Keys, node_id: str, grace: float, lease_ttl: float
+        self, redis: aioredis.Redis, keys: Keys, node_id: str, grace: float, lease_ttl: float,
+        room_ttl: float = DEFAULT_ROOM_TTL,
     ) -> None:
         self._redis = redis
         self._keys = keys
         self._node_id = node_id
         self._grace_ms = int(grace * 1000)
         self._lease_ms = int(lease_ttl * 1000)
+        self._key_ttl_ms = int(key_ttl(room_ttl, lease_ttl) * 1000)
         self._scripts = {name: redis.register_script(load_script(name)) for name in SCRIPTS}
         self._connections = 0
-        #: This node's entries, so they can be written again if Redis loses them.
-        self._local: dict[tuple[str, str], Member] = {}
-        #: Set when our lease was found gone (or held by a reaper); cleared once every entry in
-        #: _local has been written again, so a re-registration cut short is finished later.
-        self._must_reregister = False
+        #: This node's entries, room -> conn_id -> member, so that they can be written again if
+        #: Redis loses them.
+        self._local: dict[str, dict[str, Member]] = {}
+        #: When each room of _local last had its keys' TTL set (monotonic).
+        self._touched: dict[str, float] = {}
+        #: The keeper's ``losses`` count the last complete re-registration answered.
+        self._reregistered = 0
         #: Removals that failed while Redis was unreachable, retried by the ticker.
         self._pending_removals: list[tuple[str, Member, int]] = []
         #: Serializes this node's writes per room: the room's entries and this node's rooms set
         #: change in separate calls, which must not interleave with another add/remove here.
         self._room_locks = _RoomLocks()
         self._on_user_left: OnUserLeft | None = None
-        self._last_refresh = clock.monotonic()
-        self._reap_after = 0.0
+        self._on_user_back: OnUserBack | None = None
+        self._keeper: _LeaseKeeper | None = None
+        self._beat: asyncio.TimerHandle | None = None
         self._task: asyncio.Task[None] | None = None
         self._closed = False
         #: Set by close(): the ticker stops at its next turn even if a cancellation was lost (a
         #: redis-py pipeline can swallow one that arrives just as its reply does).
         self._stop = asyncio.Event()
 
-    async def start(self, on_user_left: OnUserLeft) -> None:
+    async def start(self, on_user_left: OnUserLeft, on_user_back: OnUserBack | None = None
+                    ) -> None:
         self._on_user_left = on_user_left
+        self._on_user_back = on_user_back
+        lease = self._lease_ms / 1000
+        self._keeper = _LeaseKeeper(
+            sync_twin(self._redis, f"roomcast:{self._node_id}:lease", lease), self._keys,
+            self._node_id, self._lease_ms, self._key_ttl_ms, lambda: self._connections)
         with contextlib.suppress(RedisError, OSError):
-            await self._refresh_lease()
+            await asyncio.to_thread(self._keeper.renew)
+        self._keeper.start()
+        self._keep_beating()
         self._task = asyncio.create_task(self._tick_forever(), name="presence-ticker")
+
+    def _keep_beating(self) -> None:
+        """Tell the lease thread, a few times per renewal, that the loop still turns."""
+        if self._closed or self._keeper is None:
+            return
+        self._keeper.beat()
+        loop = asyncio.get_running_loop()
+        self._beat = loop.call_later(self._keeper.interval() / 2, self._keep_beating)
 
     async def close(self) -> None:
         if self._closed:
             return
         self._closed = True
         self._stop.set()
+        if self._beat is not None:
+            self._beat.cancel()
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
+        if self._keeper is not None:
+            # Stopped before the entries go: a renewal after the reap below would bring the
+            # lease of a closed node back (until it lapsed).
+            await asyncio.to_thread(self._keeper.stop, self._lease_ms / 1000)
         # A clean shutdown removes this node's entries at once; user_left waits for the grace
         # window (announced by a surviving node), so users who reconnect elsewhere do not flap.
         try:
@@ -143,17 +340,11 @@ class RedisPresence:
         while not self._closed:
             try:
                 await self._retry_removals()
-                await self._refresh_lease()
-                now = clock.monotonic()
-                if now - self._last_refresh > self._lease_ms / 1000:
-                    # We could not refresh for a whole lease: Redis (or this process) stalled,
-                    # so every peer's lease may have lapsed too. Give them one lease to renew
-                    # before judging anyone dead, or live users would get a false user_left.
-                    self._reap_after = now + self._lease_ms / 1000
-                self._last_refresh = now
-                if now >= self._reap_after:
+                await self._reregister()
+                if self._may_reap():
                     await self._reap_dead()
                 await self._announce_due_leaves()
+                await self._touch_rooms()
             except asyncio.CancelledError:
                 raise
             except (RedisError, OSError) as exc:
@@ -169,41 +360,59 @@ class RedisPresence:
             await self._remove(room, member, deadline)
             self._pending_removals.pop(0)
 
-    async def _refresh_lease(self) -> None:
-        k = self._keys
-        # Read the old score and renew in one transaction (one key, one slot), so that no reap
-        # can slip between the check and the renewal unnoticed.
-        async with self._redis.pipeline(transaction=True) as pipe:
-            pipe.zscore(k.nodes(), self._node_id)
-            pipe.zadd(k.nodes(), {self._node_id: clock.now_ms() + self._lease_ms})
-            previous, _ = await pipe.execute()
-        if previous is None or float(previous) < 0:
-            # No lease (Redis lost its data, or a reaper finished with us after a long pause)
-            # or a reaper's hold on us (it is dropping our entries right now). The lease is
-            # renewed before the entries are written back: a reaper still at work deletes the
-            # lease when it is done, and then we write them again on the next tick.
-            self._must_reregister = True
-        if self._must_reregister:
-            if self._local:
-                log.warning("re-registering presence", entries=len(self._local))
-            for (room, conn_id), member in list(self._local.items()):
-                async with self._room_locks.hold(room):
-                    if self._local.get((room, conn_id)) is member:  # Not removed meanwhile.
-                        await self._write_entry(room, member)
-            self._must_reregister = False
-        async with self._redis.pipeline(transaction=False) as pipe:
-            pipe.hset(k.node_info(self._node_id), mapping={"connections": self._connections})
-            pipe.pexpire(k.node_info(self._node_id), self._lease_ms * 2)
-            await pipe.execute()
+    async def _reregister(self) -> None:
+        """Write every entry back once the lease thread found the lease gone (or held by a
+        reaper); a re-registration cut short is finished on a later tick."""
+        if self._keeper is None or self._keeper.losses == self._reregistered:
+            return
+        losses = self._keeper.losses
+        entries = sum(len(conns) for conns in self._local.values())
+        if entries:
+            log.warning("re-registering presence", entries=entries)
+        for room in list(self._local):
+            await self._rewrite(room)
+        self._reregistered = losses
+
+    async def _rewrite(self, room: str, user_id: str | None = None, report: bool = True
+                       ) -> None:
+        """Write this node's entries in ``room`` (of ``user_id`` only, if given) where Redis
+        lost them; with ``report``, each user that Redis counts again goes to on_user_back."""
+        async with self._room_locks.hold(room):
+            back: list[Member] = []
+            for member in list(self._local.get(room, {}).values()):
+                if user_id is not None and member.user_id != user_id:
+                    continue
+                if await self._write_entry(room, member):
+                    back.append(member)
+            if room in self._local:
+                self._touched[room] = clock.monotonic()
+        for member in back:
+            log.info("user back in presence", room=room, user_id=member.user_id)
+            if report and self._on_user_back is not None and not self._closed:
+                await self._on_user_back(room, member.user_id, member.username)
+
+    def _may_reap(self) -> bool:
+        """True when this node may judge others' leases now: its own renewals get through
+        (so its view of Redis is current) and the last Redis stall is a lease behind."""
+        keeper = self._keeper
+        if keeper is None:
+            return False
+        now = clock.monotonic()
+        return now - keeper.renewed_at <= self._lease_ms / 2000 and now >= keeper.reap_after
 
     async def _reap_dead(self) -> None:
-        now = clock.now_ms()
+        asked = clock.monotonic()
         # Lapsed leases, and holds of reapers that may have died (claim_due.lua decides).
-        dead = await self._redis.zrangebyscore(self._keys.nodes(), "-inf", now - 1)
+        dead = await self._redis.zrangebyscore(
+            self._keys.nodes(), "-inf", clock.now_ms() - REAP_MARGIN_MS)
+        if clock.monotonic() - asked > TICK:
+            return  # Redis answered late: the peers' renewals may be queued behind this.
         for raw in dead:
             node_id = as_str(raw)
             if node_id == self._node_id:
-                continue  # Our own lease lapsed (a long pause): refresh re-registers us.
+                continue  # Our own lease lapsed (a long pause): the keeper re-registers us.
+            if not self._may_reap():
+                return
             dropped = await self._reap(node_id, clock.now_ms())
             if dropped >= 0:
                 log.info("reaped dead node", dead_node=node_id, connections=dropped)
@@ -220,14 +429,15 @@ class RedisPresence:
         if force:
             await self._redis.zadd(k.nodes(), {node_id: hold})  # Our own clean shutdown.
         elif not await self._scripts["claim_due"](
-            keys=[k.nodes()], args=[node_id, now - 1, now, hold]
+            keys=[k.nodes()], args=[node_id, now - REAP_MARGIN_MS, now, hold]
         ):
             return -1
         dropped = 0
         for raw in await self._redis.smembers(k.node_rooms(node_id)):
             room = as_str(raw)
             count, earliest = await self._scripts["reap_node"](
-                keys=self._room_keys(room, node_id), args=[node_id, deadline_ms],
+                keys=self._room_keys(room, node_id), args=[node_id, deadline_ms,
+                                                           self._key_ttl_ms],
             )
             dropped += int(count)
             await self._index_leaves(room, as_str(earliest))
@@ -241,37 +451,78 @@ class RedisPresence:
         return dropped
 
     async def _announce_due_leaves(self) -> None:
+        """Announce every user_left that is due, however many: rooms a page at a time, each
+        room's leaves a batch at a time, until none is left (a mass disconnect is announced
+        within this tick, not a batch per tick)."""
+        skipped = 0
+        for _ in range(MAX_PAGES):
+            # Earliest first (holds, being negative, come before everything), so that a leave
+            # due earlier is announced no later than one due after it. Rooms this tick could
+            # not claim stay in front; the next page starts after them.
+            rooms = await self._redis.zrangebyscore(
+                self._keys.leave_rooms(), "-inf", clock.now_ms(), start=skipped, num=BATCH)
+            for raw in rooms:
+                if not await self._announce_room(as_str(raw)):
+                    skipped += 1
+            if len(rooms) < BATCH or self._closed:
+                return
+
+    async def _announce_room(self, room: str) -> bool:
+        """Pop and announce the room's due leaves; False when the room was not this node's to
+        look at (another holds it, or nothing is due any more)."""
         k = self._keys
         now = clock.now_ms()
-        # Earliest first (holds, being negative, come before everything), so that a leave due
-        # earlier is announced no later than one due after it.
-        rooms = await self._redis.zrangebyscore(k.leave_rooms(), "-inf", now, start=0, num=BATCH)
-        for raw in rooms:
-            room = as_str(raw)
-            now = clock.now_ms()
-            # Claimed with a hold rather than removed from the index: if this node dies before
-            # it settles the room, the room stays indexed and another node looks once the hold
-            # runs out. Two nodes at once would be harmless too: leaves_due.lua pops each leave
-            # atomically, so each is announced once.
-            hold = -(now + self._lease_ms)
-            if not await self._scripts["claim_due"](
-                keys=[k.leave_rooms()], args=[room, now, now, hold]
-            ):
-                continue
+        # Claimed with a hold rather than removed from the index: if this node dies before it
+        # settles the room, the room stays indexed and another node looks once the hold runs
+        # out. Two nodes at once would be harmless too: leaves_due.lua pops each leave
+        # atomically, so each is announced once.
+        hold = -(now + self._lease_ms)
+        if not await self._scripts["claim_due"](
+            keys=[k.leave_rooms()], args=[room, now, now, hold]
+        ):
+            return False
+        gone: list[tuple[str, str]] = []
+        while True:
             reply = await self._scripts["leaves_due"](
                 keys=[k.leaves(room), k.leave_names(room), k.users(room)], args=[now, BATCH],
             )
-            # Settle before announcing, so that a slow announcement holds nothing up. A leave
-            # scheduled after leaves_due.lua looked was indexed by its remover after that, which
-            # replaced our hold: leave_index.lua then keeps the remover's score (and ours, if
-            # earlier) instead of dropping the room.
-            await self._scripts["leave_index"](
-                keys=[k.leave_rooms()], args=[room, as_str(reply[0]), hold],
-            )
-            for i in range(1, len(reply), 2):
-                user_id, username = as_str(reply[i]), as_str(reply[i + 1])
-                if self._on_user_left is not None and not self._closed:
-                    await self._on_user_left(room, user_id, username)
+            gone += [(as_str(reply[i]), as_str(reply[i + 1])) for i in range(1, len(reply), 2)]
+            earliest = as_str(reply[0])
+            if not earliest or float(earliest) > now:
+                break  # Nothing due is left in the room (one more batch was due: go on).
+        # Settle before announcing, so that a slow announcement holds nothing up. A leave
+        # scheduled after leaves_due.lua looked was indexed by its remover after that, which
+        # replaced our hold: leave_index.lua then keeps the remover's score (and ours, if
+        # earlier) instead of dropping the room.
+        await self._scripts["leave_index"](keys=[k.leave_rooms()], args=[room, earliest, hold])
+        for user_id, username in gone:
+            if self._on_user_left is not None and not self._closed:
+                await self._on_user_left(room, user_id, username)
+        return True
+
+    async def _touch_rooms(self) -> None:
+        """Refresh the TTL of the keys of every room this node has entries in, a few times per
+        TTL; a room whose entries of this node Redis no longer has is written back."""
+        now = clock.monotonic()
+        due = [room for room, touched in self._touched.items()
+               if now - touched > self._key_ttl_ms / 3000][:TOUCH_BATCH]
+        if not due:
+            return
+        k = self._keys
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for room in due:  # One key per command: the keys of one room, room after room.
+                pipe.pexpire(k.presence(room, self._node_id), self._key_ttl_ms)
+                pipe.pexpire(k.presence_nodes(room), self._key_ttl_ms)
+                pipe.pexpire(k.users(room), self._key_ttl_ms)
+                pipe.pexpire(k.nicks(room), self._key_ttl_ms)
+            replies = await pipe.execute()
+        for i, room in enumerate(due):
+            if room not in self._local:
+                continue  # Emptied meanwhile.
+            self._touched[room] = now
+            if not replies[4 * i]:
+                log.warning("presence entries lost; writing them back", room=room)
+                await self._rewrite(room)
 
     async def _index_leaves(self, room: str, earliest: str) -> None:
         """Index the room's pending leaves (earliest deadline ``earliest``, '' for none) in the
@@ -294,7 +545,8 @@ class RedisPresence:
     async def add(self, room: str, member: Member) -> bool:
         async with self._room_locks.hold(room):
             fresh = await self._write_entry(room, member)
-            self._local[(room, member.conn_id)] = member
+            self._local.setdefault(room, {})[member.conn_id] = member
+            self._touched.setdefault(room, clock.monotonic())
         return fresh
 
     async def _write_entry(self, room: str, member: Member) -> bool:
@@ -303,15 +555,22 @@ class RedisPresence:
         k = self._keys
         # The room joins this node's rooms set before the entry exists, so that whoever reaps
         # this node finds it (if we die right here, a reaper visits a room with nothing of ours:
-        # harmless).
-        await self._redis.sadd(k.node_rooms(self._node_id), room)
+        # harmless). The set gets the room keys' TTL (the lease thread refreshes it).
+        async with self._redis.pipeline(transaction=True) as pipe:
+            pipe.sadd(k.node_rooms(self._node_id), room)
+            pipe.pexpire(k.node_rooms(self._node_id), self._key_ttl_ms)
+            await pipe.execute()
         fresh = await self._scripts["presence_add"](
             keys=[k.presence(room, self._node_id), k.presence_nodes(room), k.users(room),
                   k.leaves(room), k.leave_names(room)],
             args=[self._node_id, member.conn_id, orjson.dumps(member.to_dict()),
-                  member.user_id],
+                  member.user_id, self._key_ttl_ms],
         )
         return bool(fresh)
+
+    @unavailable_on_redis_error
+    async def restore(self, room: str, user_id: str) -> None:
+        await self._rewrite(room, user_id, report=False)
 
     async def remove(self, room: str, member: Member) -> None:
         """Never fails: while Redis is unreachable the removal is queued and retried."""
@@ -321,15 +580,25 @@ class RedisPresence:
         except (RedisError, OSError):
             self._pending_removals.append((room, member, deadline))
 
+    def _forget(self, room: str, conn_id: str) -> None:
+        conns = self._local.get(room)
+        if conns is None:
+            return
+        conns.pop(conn_id, None)
+        if not conns:
+            del self._local[room]
+            self._touched.pop(room, None)
+
     async def _remove(self, room: str, member: Member, deadline_ms: int) -> None:
         async with self._room_locks.hold(room):
             # Forgotten under the lock, so that a re-registration cannot write it back after
             # this removal.
-            self._local.pop((room, member.conn_id), None)
+            self._forget(room, member.conn_id)
             _, empty, earliest = await self._scripts["presence_remove"](
                 keys=self._room_keys(room, self._node_id),
                 args=[self._node_id, member.conn_id, member.user_id, member.username,
-                      deadline_ms, nick_key(member.nick) if member.nick else ""],
+                      deadline_ms, nick_key(member.nick) if member.nick else "",
+                      self._key_ttl_ms],
             )
             # The leave exists in the room now; index it. If this fails, the retried removal
             # finds the connection gone but still returns the pending leave to index.
@@ -379,7 +648,7 @@ class RedisPresence:
                 if holder_user != member.user_id and await self._lease_alive(holder_node):
                     return False
             if await self._scripts["claim_nick"](
-                keys=[self._keys.nicks(room)], args=[key, claimant, holder]
+                keys=[self._keys.nicks(room)], args=[key, claimant, holder, self._key_ttl_ms]
             ):
                 return True
         return False

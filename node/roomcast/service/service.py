@@ -5,14 +5,22 @@ on behalf of a ``Connection`` with an ``Identity`` (service/connection.py). It k
 sockets, frames or dialects: a transport decodes a request, calls one method here and encodes
 what it returns. A refusal is a ``ProtocolError`` with a code from ``ErrorCode`` (the transport
 adds the request id); a backend that cannot be reached raises ``BrokerUnavailable``.
+
+Presence repair: the node knows which users are connected here, so a user_left about one of
+them is wrong (a peer reaped this node while it was paused, or the user came back just as the
+leave went out). It is not shown to this node's members, and the user is announced again,
+cluster-wide, with a user_joined once presence counts them again; this node's members, who saw
+no leave, do not see that user_joined either (``_presence_event``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import asyncio
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any
 
+import orjson
 import structlog
 
 from roomcast import clock
@@ -31,6 +39,10 @@ from roomcast.service.connection import Connection
 from roomcast.service.rooms import Room, Rooms
 
 log = structlog.get_logger("roomcast.service")
+
+#: How every user_joined/user_left envelope begins (protocol.envelopes.event), to pick them out
+#: of the ephemeral events without decoding the others (typing).
+_USER_EVENT = b'{"type":"user_'
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,19 +67,30 @@ class Service:
         self.metrics = metrics
         #: Every open connection of this node, by conn_id.
         self.connections: dict[str, Connection] = {}
+        #: (room, user_id) -> this node's connections of the user joined to the room.
+        self._local_users: dict[tuple[str, str], int] = {}
+        #: Users this node announced again (user_joined) whose announcement it has not received
+        #: back yet: a user_left that arrives before it was published before it, and needs no
+        #: second announcement.
+        self._rejoining: set[tuple[str, str]] = set()
+        #: The origin of those announcements, so that this node knows its own.
+        self._rejoin_origin = f"rejoin:{self.node_id}"
+        self._tasks: set[asyncio.Task[None]] = set()
         rooms.on_gap = self._gap
 
     # --- lifecycle ---------------------------------------------------------------------------
 
     async def start(self) -> None:
         """Connect the backends; a Redis that is not reachable yet is waited for, briefly."""
-        await self.broker.start(self.rooms.deliver, self._resubscribed)
+        await self.broker.start(self._deliver, self._resubscribed)
         if not await self.broker.wait_connected(self.config.redis_timeout):
             log.warning("starting without redis; publishes fail until it is reachable")
-        await self.presence_store.start(self.user_left)
+        await self.presence_store.start(self.user_left, self.user_back)
 
     async def close(self) -> None:
         """Release the backends (presence removes this node's entries first). Idempotent."""
+        for task in list(self._tasks):
+            task.cancel()
         await self.rooms.close()
         await self.presence_store.close()
         await self.broker.close()
@@ -78,6 +101,84 @@ class Service:
 
     def _gap(self, room: Room, publication: Publication) -> None:
         recovery.begin_refill(self.rooms, self.history_store, room, publication)
+
+    def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.ensure_future(work)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # --- presence events and their repair ------------------------------------------------------
+
+    def _deliver(self, publication: Publication) -> None:
+        """The broker's callback: every publication goes to the room's local members, but for
+        the presence events this node knows to be wrong here (``_presence_event``)."""
+        if (publication.offset == 0 and publication.payload.startswith(_USER_EVENT)
+                and not self._presence_event(publication)):
+            return
+        self.rooms.deliver(publication)
+
+    def _presence_event(self, publication: Publication) -> bool:
+        """False for a user_joined/user_left this node's members must not see: a user_left about
+        a user connected here (its repair starts), or this node's own re-announcement."""
+        event = orjson.loads(publication.payload)
+        key = (publication.room, str(event.get("user_id", "")))
+        if event.get("type") == "user_joined" and publication.origin == self._rejoin_origin:
+            self._rejoining.discard(key)  # Every member elsewhere has it now, after the leave.
+            return False
+        if event.get("type") != "user_left" or key not in self._local_users:
+            return True
+        self.metrics.presence_left_suppressed.inc()
+        if key not in self._rejoining:
+            # Published after our last re-announcement, if any: the cluster counts the user
+            # gone now, so write the entries back and say so again.
+            log.warning("user_left about a user connected here; announcing the user again",
+                        room=publication.room, user_id=key[1])
+            self._rejoining.add(key)
+            self._spawn(self._reannounce(publication.room, key[1],
+                                         str(event.get("username", ""))))
+        return False
+
+    async def user_back(self, room: str, user_id: str, username: str) -> None:
+        """Presence counts a user connected here again after the cluster had lost them (this
+        node was reaped, or Redis lost its data): announce them again, unless that is under way
+        or the user has left meanwhile."""
+        key = (room, user_id)
+        if key in self._rejoining or key not in self._local_users:
+            return
+        self._rejoining.add(key)
+        await self._announce_back(room, user_id, username)
+
+    async def _reannounce(self, room: str, user_id: str, username: str) -> None:
+        try:
+            await self.presence_store.restore(room, user_id)
+        except Exception:
+            log.warning("could not restore presence", room=room, exc_info=True)
+            self._rejoining.discard((room, user_id))
+            return
+        await self._announce_back(room, user_id, username)
+
+    async def _announce_back(self, room: str, user_id: str, username: str) -> None:
+        """user_joined for a user announced gone while connected here, on every node; this
+        node's members never saw the leave, so it comes from an origin this node drops."""
+        try:
+            await self.broker.publish_event(
+                room, envelopes.event("user_joined", room, user_id=user_id, username=username,
+                                      ts=clock.now_ms()),
+                origin=self._rejoin_origin)
+        except Exception:
+            log.warning("could not announce user_joined again", room=room, exc_info=True)
+            self._rejoining.discard((room, user_id))
+            return
+        self.metrics.presence_reannounced.inc()
+
+    def _count_local(self, room: str, user_id: str, delta: int) -> None:
+        key = (room, user_id)
+        count = self._local_users.get(key, 0) + delta
+        if count > 0:
+            self._local_users[key] = count
+        else:
+            self._local_users.pop(key, None)
+            self._rejoining.discard(key)
 
     # --- connections -------------------------------------------------------------------------
 
@@ -144,6 +245,7 @@ class Service:
         ):
             raise ProtocolError(ErrorCode.NICK_TAKEN, "that nick is in use in this room")
         conn.rooms[room] = nick
+        self._count_local(room, conn.identity.user_id, 1)
         fresh = False
 
         async def enter() -> None:
@@ -189,6 +291,8 @@ class Service:
         await self._leave(conn, room)
 
     async def _leave(self, conn: Connection, room: str) -> None:
+        if room in conn.rooms:
+            self._count_local(room, conn.identity.user_id, -1)
         nick = conn.rooms.pop(room, None)
         self.rooms.leave(room, conn)
         await self.presence_store.remove(room, self._member(conn, nick))

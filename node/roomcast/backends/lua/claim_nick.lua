@@ -7,8 +7,10 @@
 -- KEYS[1] nicks hash of the room
 -- ARGV[1] nick key (lowercase)  ARGV[2] 'node_id conn_id user_id' of the claimant
 -- ARGV[3] the holder the caller read ('' for none)
+-- ARGV[4] TTL of the room's nicks hash (ms), refreshed by the nodes with entries in the room
 -- Returns 1 when the claimant holds the nick now, 0 when the holder changed (read it again).
 local holder = redis.call('HGET', KEYS[1], ARGV[1]) or ''
 if holder ~= ARGV[3] then return 0 end
 redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+redis.call('PEXPIRE', KEYS[1], ARGV[4])
 return 1

@@ -9,6 +9,7 @@
 -- KEYS[5] pending leaves zset of the room      KEYS[6] leave names hash of the room
 -- ARGV[1] node_id  ARGV[2] conn_id  ARGV[3] user_id  ARGV[4] username
 -- ARGV[5] leave deadline (unix ms)  ARGV[6] nick key or ''
+-- ARGV[7] TTL of the room's pending leave keys (ms): they outlive no cluster by more than that
 -- Returns {removed, empty, earliest}: removed 1 when the connection was present; empty 1 when
 -- this node has no entry left in the room; earliest the room's earliest pending leave deadline
 -- or '' (returned even when nothing was removed, so that a retried removal indexes it).
@@ -24,6 +25,8 @@ if removed == 1 then
     redis.call('HDEL', KEYS[3], ARGV[3])
     redis.call('ZADD', KEYS[5], ARGV[5], ARGV[3])
     redis.call('HSET', KEYS[6], ARGV[3], ARGV[4])
+    redis.call('PEXPIRE', KEYS[5], ARGV[7])
+    redis.call('PEXPIRE', KEYS[6], ARGV[7])
   end
 end
 local empty = 0

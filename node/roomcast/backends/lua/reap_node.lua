@@ -8,6 +8,7 @@
 -- KEYS[3] users hash of the room          KEYS[4] nicks hash of the room
 -- KEYS[5] pending leaves zset of the room KEYS[6] leave names hash of the room
 -- ARGV[1] node_id  ARGV[2] leave deadline (unix ms)
+-- ARGV[3] TTL of the room's pending leave keys (ms)
 -- Returns {dropped, earliest}: the number of connections dropped and the room's earliest
 -- pending leave deadline or '' (for the leave-rooms index).
 local dropped = 0
@@ -28,6 +29,8 @@ for i = 1, #entries, 2 do
     redis.call('HDEL', KEYS[3], member.user_id)
     redis.call('ZADD', KEYS[5], ARGV[2], member.user_id)
     redis.call('HSET', KEYS[6], member.user_id, member.username)
+    redis.call('PEXPIRE', KEYS[5], ARGV[3])
+    redis.call('PEXPIRE', KEYS[6], ARGV[3])
   end
 end
 redis.call('DEL', KEYS[1])
