@@ -184,10 +184,12 @@ class Backend(abc.ABC):
         self._pairs = itertools.count(1)
 
     async def pair(
-        self, history_size: int = 3, history_ttl: float = DAY, start: bool = True
+        self, history_size: int = 3, history_ttl: float = DAY, start: bool = True,
+        idle_ttl: float = DAY,
     ) -> Pair:
-        """A broker and its history; started (and connected) unless ``start`` is False."""
-        pair = self._new_pair(history_size, history_ttl)
+        """A broker and its history; started (and connected) unless ``start`` is False.
+        ``idle_ttl`` is --idle-room-ttl: how long a room only read keeps its epoch."""
+        pair = self._new_pair(history_size, history_ttl, idle_ttl)
         self._closers.append(pair.broker.close)
         if start:
             await pair.start()
@@ -205,7 +207,7 @@ class Backend(abc.ABC):
         return store, recorder
 
     @abc.abstractmethod
-    def _new_pair(self, history_size: int, history_ttl: float) -> Pair: ...
+    def _new_pair(self, history_size: int, history_ttl: float, idle_ttl: float) -> Pair: ...
 
     @abc.abstractmethod
     def _new_presence(
@@ -246,8 +248,8 @@ class MemoryBackend(Backend):
         super().__init__()
         self.clock = FakeClock()
 
-    def _new_pair(self, history_size: int, history_ttl: float) -> Pair:
-        history = MemoryHistory(history_size, history_ttl, clock=self.clock)
+    def _new_pair(self, history_size: int, history_ttl: float, idle_ttl: float) -> Pair:
+        history = MemoryHistory(history_size, history_ttl, clock=self.clock, idle_ttl=idle_ttl)
         return Pair(MemoryBroker(history), history)
 
     def _new_presence(
@@ -278,12 +280,12 @@ class RedisBackend(Backend):
             node_lease_ttl=LEASE, **{**self._settings, **settings},
         )
 
-    def _new_pair(self, history_size: int, history_ttl: float) -> Pair:
+    def _new_pair(self, history_size: int, history_ttl: float, idle_ttl: float) -> Pair:
         # A node id of its own: this node's (unused) presence store must never be confused
         # with the stores that tests build.
         node_id = f"broker-{next(self._pairs)}"
         backends = build(self.config(node_id, history_size=history_size,
-                                     history_ttl=history_ttl))
+                                     history_ttl=history_ttl, idle_room_ttl=idle_ttl))
         return Pair(backends.broker, backends.history)
 
     def _new_presence(

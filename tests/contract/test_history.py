@@ -191,3 +191,16 @@ async def test_history_ttl_0_never_expires(backend: Backend) -> None:
     assert (await control.history.read("expiring", Since(1, expiring.epoch))).recovered is False
     result = await forever.history.read("kept", Since(0, first.epoch))
     assert (result.recovered, result.epoch, len(result.messages)) == (True, first.epoch, 1)
+
+
+async def test_a_room_only_read_is_forgotten_after_the_idle_ttl(backend: Backend) -> None:
+    """A room read but never published to keeps its epoch while it is read, and is gone (a new
+    epoch) once --idle-room-ttl passed without a read: nothing lingers for the history TTL."""
+    pair = await backend.pair(idle_ttl=TTL)
+    first = await pair.history.read("idle")
+    for _ in range(3):  # Each read within the idle TTL keeps the epoch (and extends it).
+        await backend.advance(TTL / 2)
+        assert (await pair.history.read("idle")).epoch == first.epoch
+    await backend.advance(TTL * 2)
+    again = await pair.history.read("idle")
+    assert again.offset == 0 and again.epoch != first.epoch

@@ -55,7 +55,7 @@ def build(config: Config) -> Backends:
     return Backends(
         RedisBroker(redis, keys, config, pubsub_client=pubsub, probe_client=probe,
                     health=health),
-        RedisHistory(redis, keys, config.history_ttl),
+        RedisHistory(redis, keys, config.idle_room_ttl),
         RedisPresence(redis, keys, config.node_id, config.presence_grace,
                       config.node_lease_ttl),
     )

@@ -16,10 +16,13 @@ from roomcast.protocol.envelopes import Since
 
 
 class RedisHistory:
-    def __init__(self, redis: aioredis.Redis, keys: Keys, ttl: float = 86400.0) -> None:
+    """Reads history that lua/publish.lua writes (and keeps for --history-ttl). A room only read,
+    never published to, keeps its meta key (its epoch) for ``idle_ttl`` after each read."""
+
+    def __init__(self, redis: aioredis.Redis, keys: Keys, idle_ttl: float = 300.0) -> None:
         self._redis = redis
         self._keys = keys
-        self._ttl_ms = int(ttl * 1000)
+        self._idle_ttl_ms = max(1, int(idle_ttl * 1000))
         self._script = redis.register_script(load_script("history"))
 
     @unavailable_on_redis_error
@@ -31,18 +34,17 @@ class RedisHistory:
             keys=[self._keys.meta(room), self._keys.stream(room)], args=[start, limit or 0],
         )
         offset, epoch, first_offset = int(reply[0]), as_str(reply[1]), int(reply[2])
-        if not epoch:
+        if offset == 0:
             # The room has never been published to (or its history was lost): give it an epoch
-            # now so that a client can recover from this position later.
-            epoch = await self._ensure_epoch(room)
+            # now so that a client can recover from this position later, for --idle-room-ttl.
+            epoch = await self._keep_idle(room)
         return recovery_result(offset, epoch, first_offset, list(reply[3:]), since)
 
-    async def _ensure_epoch(self, room: str) -> str:
+    async def _keep_idle(self, room: str) -> str:
         meta = self._keys.meta(room)
         async with self._redis.pipeline(transaction=True) as pipe:
             pipe.hsetnx(meta, "epoch", new_epoch())
-            if self._ttl_ms:
-                pipe.pexpire(meta, self._ttl_ms)
+            pipe.pexpire(meta, self._idle_ttl_ms)
             pipe.hget(meta, "epoch")
             replies = await pipe.execute()
         return as_str(replies[-1]) if replies[-1] else ""
