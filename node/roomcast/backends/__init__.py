@@ -57,5 +57,5 @@ def build(config: Config) -> Backends:
                     health=health),
         RedisHistory(redis, keys, config.idle_room_ttl),
         RedisPresence(redis, keys, config.node_id, config.presence_grace,
-                      config.node_lease_ttl),
+                      config.node_lease_ttl, room_ttl=config.idle_room_ttl),
     )
