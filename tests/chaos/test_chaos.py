@@ -379,9 +379,9 @@ async def test_non_reading_clients_ask_for_large_history(
 @pytest.mark.chaos
 @pytest.mark.timeout(180)
 async def test_ping_frame_flood(cluster: StartCluster, record: Record) -> None:
-    """An attacker on node a floods WebSocket ping control frames (free of the rate limit) and
-    never reads the pongs: the node must not buffer pongs without bound (RSS growth under
-    100 MB) and must close the attacker; the canary loses nothing."""
+    """An attacker on node a floods WebSocket ping control frames (each costs a token, like any
+    frame) and never reads the pongs: the node must not buffer pongs without bound (RSS growth
+    under 100 MB) and must close the attacker; the canary loses nothing."""
     c = cluster()
     canary = canary_for(c)
     assert c.a.proc is not None

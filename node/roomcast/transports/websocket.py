@@ -119,6 +119,9 @@ _CONTROL = (Opcode.PING, Opcode.PONG)
 #: a thousand pings rather than within a whole read (up to 256 KiB, forty thousand pings, which
 #: the library would parse and answer before the node sees the first of them).
 READ_SLICE = 8192
+#: Seconds a flooder's connection stays after its 1008 close frame was sent. A constant, not
+#: --close-timeout: the node stopped reading it, so no closing handshake can complete.
+FLOOD_CLOSE_TIMEOUT = 0.5
 
 
 class AdmittedConnection(ServerConnection):
@@ -212,7 +215,7 @@ class AdmittedConnection(ServerConnection):
 
     def close_flooding(self) -> None:
         """Close with 1008 'rate limit exceeded' and stop reading: nothing more it sends is
-        looked at (the connection is dropped after --close-timeout). Idempotent."""
+        looked at (the connection is dropped FLOOD_CLOSE_TIMEOUT later). Idempotent."""
         if self.flooded:
             return
         self.flooded = True
@@ -220,6 +223,9 @@ class AdmittedConnection(ServerConnection):
                  conn_id=self.session.conn_id if self.session is not None else None,
                  refused=self.limiter.rejected_in_a_row)
         self.transport.pause_reading()
+        # It is not read any more, so its closing reply would never be seen: give the close
+        # frame a moment to go out, then drop the connection (not --close-timeout later).
+        self.close_timeout = FLOOD_CLOSE_TIMEOUT
         task = asyncio.ensure_future(
             self.close(CloseCode.POLICY_VIOLATION, "rate limit exceeded"))
         task.add_done_callback(_log_close_error)
