@@ -3,6 +3,7 @@ members get every acknowledged message exactly once, in order."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 
 import redis
@@ -49,3 +50,51 @@ async def test_pubsub_connection_killed_mid_stream_loses_nothing(
     assert (await sub.expect("message", timeout=10))["data"] == 80
     offsets = [m["offset"] for m in sub.seen if m["type"] == "message"]
     assert offsets == list(range(1, 82))
+
+
+async def test_a_half_open_pubsub_connection_is_noticed_and_refilled(
+    redis_server: RedisServer, start_node: Callable[..., NodeProcess]
+) -> None:
+    """Node a's pub/sub connection goes silent without closing (a half-open TCP connection):
+    its idle PING gets no answer within --redis-timeout, it reconnects and refills, and its
+    member gets every acknowledged message once, in order."""
+    from tests.tcpproxy import FreezingProxy
+
+    proxy = await FreezingProxy(redis_server.port).start()
+    flags = ("--rate-limit", "10000", "--rate-burst", "10000", "--redis-timeout", "1")
+    # Started from a thread: the proxy runs on this event loop and must forward meanwhile.
+    a = await asyncio.to_thread(start_node, f"redis://127.0.0.1:{proxy.port}/0", *flags)
+    b = start_node(redis_server.url, *flags)
+    sub, pub = await native(a, "sub"), await native(b, "pub")
+    await sub.request({"type": "join", "room": "h", "id": "j"})
+    acked: list[int] = []
+    for i in range(5):
+        ack = await pub.request({"type": "publish", "room": "h", "data": i, "id": i})
+        acked.append(ack["offset"])
+    assert [(await sub.expect("message"))["data"] for _ in range(5)] == [0, 1, 2, 3, 4]
+    assert proxy.freeze(f"roomcast:{a.node_id}:pubsub".encode()) == 1
+    for i in range(5, 25):
+        ack = await pub.request({"type": "publish", "room": "h", "data": i, "id": i})
+        acked.append(ack["offset"])
+    await wait_for(lambda: a.logged("redis connection lost"), timeout=20,
+                   what="the silent pub/sub connection noticed")
+    received = [(await sub.expect("message", timeout=20))["data"] for _ in range(20)]
+    assert received == list(range(5, 25))
+    await proxy.close()
+
+
+async def test_a_foreign_publish_on_a_roomcast_channel_is_dropped(
+    redis_server: RedisServer, start_node: Callable[..., NodeProcess]
+) -> None:
+    """Someone PUBLISHes junk on a room channel and on the control channel: the node logs and
+    drops it, and its pub/sub reader goes on delivering (it used to die for good)."""
+    node = start_node(redis_server.url)
+    pub, sub = await native(node, "pub"), await native(node, "sub")
+    await sub.request({"type": "join", "room": "j", "id": 1})
+    r = redis.Redis.from_url(redis_server.url)
+    assert r.publish("roomcast:ch:{j}", b"not a roomcast frame") == 1
+    r.publish("roomcast:control", b"hello")
+    ack = await pub.request({"type": "publish", "room": "j", "data": "still", "id": 2})
+    assert ack["type"] == "published"
+    assert (await sub.expect("message"))["data"] == "still"
+    assert node.logged("dropped a pub/sub message that is not a roomcast frame")

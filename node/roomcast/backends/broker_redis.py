@@ -25,6 +25,7 @@ from typing import Any
 
 import redis.asyncio as aioredis
 import structlog
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
@@ -50,6 +51,11 @@ log = structlog.get_logger("roomcast.broker")
 
 #: First pause before reconnecting to Redis; doubles up to --redis-retry-max.
 BACKOFF_BASE = 0.1
+#: Seconds the pub/sub reader waits for a message before checking the connection's liveness,
+#: and seconds of silence after which it PINGs. Constants: they only bound how soon a
+#: half-open connection is noticed (at most PUBSUB_IDLE_PING + --redis-timeout + a tick).
+PUBSUB_READ_TICK = 1.0
+PUBSUB_IDLE_PING = 5.0
 #: Seconds between two write probes. A constant: readiness should follow Redis within about a
 #: second, and one tiny SET per second and node costs Redis nothing.
 PROBE_INTERVAL = 1.0
@@ -223,6 +229,10 @@ class RedisBroker:
                     backoff = BACKOFF_BASE
                 else:
                     log.warning("redis unreachable", error=str(exc), retry_in=round(backoff, 2))
+            except Exception:
+                # Task boundary: whatever went wrong, the reader must live on; a fresh
+                # connection and the resubscribe's refill are the safe way back.
+                log.error("redis pubsub reader crashed; reconnecting", exc_info=True)
             finally:
                 self._connected.clear()
                 self._pubsub = None
@@ -241,15 +251,38 @@ class RedisBroker:
     async def _read(self, pubsub: Any, rooms: list[str], resubscribed: bool) -> None:
         control = self._keys.control()
         room_of = self._keys.room_of_channel
+        loop = asyncio.get_running_loop()
+        # Liveness: a pub/sub connection that went half-open (a Redis host gone, a NAT entry
+        # dropped) delivers nothing and fails nothing. When it has been idle for
+        # PUBSUB_IDLE_PING, a PING goes out; no answer within --redis-timeout counts as a lost
+        # connection, so the resubscribe and its refill bring back what was missed.
+        last_seen = loop.time()
+        pinged_at: float | None = None
         while True:
-            message = await pubsub.get_message(timeout=None)
+            message = await pubsub.get_message(timeout=PUBSUB_READ_TICK)
+            now = loop.time()
             if message is None:
+                if pinged_at is not None and now - pinged_at > self._subscribe_timeout:
+                    raise RedisConnectionError("redis pubsub connection did not answer a PING")
+                if pinged_at is None and now - last_seen > PUBSUB_IDLE_PING:
+                    pinged_at = now
+                    await pubsub.ping()
                 continue
+            last_seen, pinged_at = now, None
             kind = message["type"]
+            if kind == "pong":
+                continue
             channel = as_str(message["channel"])
             if kind == "message":
                 if self._on_publication is not None:
-                    self._on_publication(parse_frame(room_of(channel), message["data"]))
+                    try:
+                        publication = parse_frame(room_of(channel), message["data"])
+                    except (ValueError, UnicodeDecodeError):
+                        # Not a roomcast frame (someone else PUBLISHed on our channel): drop it.
+                        log.warning("dropped a pub/sub message that is not a roomcast frame",
+                                    channel=channel)
+                        continue
+                    self._on_publication(publication)
             elif kind == "subscribe":
                 if not self._connected.is_set() and channel == control:
                     self._connected.set()
