@@ -383,3 +383,54 @@ async def test_a_join_during_a_refill_gets_each_message_once() -> None:
     assert old.messages() == [1, 2, 3, 4, 5, 6]
     assert new.messages() == [2, 3, 4, 5, 6]
     await service.close()
+
+
+class LaggingBroker(MemoryBroker):
+    """A broker whose live deliveries lag its history, as Redis pub/sub can lag the command
+    connection: publications are stored at once and delivered on ``flush``."""
+
+    def __init__(self, history: MemoryHistory) -> None:
+        super().__init__(history)
+        self.held: list[Any] = []
+        self.lagging = False
+
+    def _deliver(self, publication: Any) -> None:
+        if self.lagging:
+            self.held.append(publication)
+        else:
+            super()._deliver(publication)
+
+    def flush(self) -> None:
+        held, self.held, self.lagging = self.held, [], False
+        for publication in held:
+            super()._deliver(publication)
+
+
+@pytest.mark.parametrize("with_since", [True, False])
+async def test_a_join_whose_history_is_ahead_of_the_live_stream_gets_no_repeats(
+    with_since: bool,
+) -> None:
+    """History read on one connection can be ahead of the pub/sub stream: the live copies of
+    what a joiner's hand-over covered reach every other member once and the joiner not again;
+    a member that joined earlier without a position (a compatibility client) loses nothing."""
+    history = MemoryHistory()
+    broker = LaggingBroker(history)
+    rooms = Rooms(broker, DirectFanout(), Metrics(), 0.0, dialects.ENCODERS)
+    service = Service(Config(node_id="n1"), Backends(broker, history, MemoryPresence("n1", 0.05)),
+                      rooms, Metrics())
+    await service.start()
+    pub, early = Conn("p", Identity("p", "P")), Conn("e", Identity("e", "E"))
+    await service.join(early, "r", with_position=False)
+    first = await service.publish(pub, "r", 1)
+    broker.lagging = True
+    for data in (2, 3):
+        await service.publish(pub, "r", data)
+    late = Conn("l", Identity("l", "L"))
+    joined = await service.join(late, "r", since=Since(first.offset, first.epoch)
+                                if with_since else None)
+    assert joined.position is not None and joined.position.offset == 3
+    broker.flush()  # The live copies of 2 and 3 arrive now.
+    await service.publish(pub, "r", 4)
+    assert early.messages() == [1, 2, 3, 4]
+    assert late.messages() == ([2, 3, 4] if with_since else [4])
+    await service.close()

@@ -110,21 +110,24 @@ async def join_with_replay(
     the caller cleans up (the connection is still listed as joining).
     """
     state = await rooms.join(room, conn, replaying=True)
-    if state.refilled is not None:
-        # The room is refilling after a resubscribe: its messages up to now reach this node
-        # through the refill, after which the position below is past all of them (nothing is
-        # then delivered both in the replay and by the refill).
+    while state.refilled is not None:
+        # The room is refilling (a resubscribe or a gap): its messages up to now reach this
+        # node through the refill; the position read below comes after them.
         await state.refilled.wait()
     result = await history.read(room, since, None if since else 1)
-    if not state.position.epoch:
-        # Nothing stored was delivered here yet: from now on, a skip past this is a gap.
-        state.position = Position(result.offset, result.epoch)
     await enter()
     # From here to the end: no await, so no publication can slip between replay and live.
     reply(result)
     replay = since is not None and result.recovered
     for payload in splice(result, replay, rooms.finish_replay(room, conn), conn.conn_id):
         conn.send(payload)
+    # History (on the command connection) can be ahead of this node's pub/sub stream: the live
+    # copies of what the read covered may still be on their way. They must not reach this
+    # connection a second time, while every other member still gets them.
+    position = state.position
+    if result.offset and not (position.epoch == result.epoch
+                              and position.offset >= result.offset):
+        state.floors[conn] = Position(result.offset, result.epoch)
     return result
 
 
@@ -172,6 +175,7 @@ def begin_refill(
 
 
 async def _refill(rooms: Rooms, history: History, room: Room) -> None:
+    refilled = room.refilled
     position = Position(room.position.offset, room.position.epoch)
     missed: list[Publication] = []
     #: Set when some messages cannot be delivered: the position the members jump to.
@@ -216,6 +220,9 @@ async def _refill(rooms: Rooms, history: History, room: Room) -> None:
             rooms.count_gap("refilled")
         for publication in [*missed, *backlog]:
             rooms.deliver(publication)
-        if room.refilled is not None:
-            room.refilled.set()
+        # Delivering the backlog may have found another gap and started the next refill: its
+        # event is not this one's, and joins keep waiting for it.
+        if room.refilled is refilled:
             room.refilled = None
+        if refilled is not None:
+            refilled.set()

@@ -35,7 +35,7 @@ Encoder = Callable[[dict[str, Any]], bytes | None]
 class Room:
     """One room's local state: members grouped by codec, joiners still replaying, position."""
 
-    __slots__ = ("backlog", "members", "name", "pending", "position", "refilled")
+    __slots__ = ("backlog", "floors", "members", "name", "pending", "position", "refilled")
 
     def __init__(self, name: str) -> None:
         self.name = name
@@ -44,6 +44,9 @@ class Room:
         # Connections replaying history: live publications queue here until the hand-over.
         self.pending: dict[Connection, list[Publication]] = {}
         self.position = Position()
+        #: Joined members whose history read was ahead of ``position``: stored publications up to
+        #: their floor already reached them in the hand-over (recovery.join_with_replay).
+        self.floors: dict[Connection, Position] = {}
         # While not None, the room is refilling from history after a resubscribe
         # (recovery.catch_up): publications queue here and are delivered after the refill.
         self.backlog: list[Publication] | None = None
@@ -153,6 +156,7 @@ class Rooms:
             if not group:
                 del room.members[conn.codec]
         room.pending.pop(conn, None)
+        room.floors.pop(conn, None)
         self._maybe_release(room)
 
     def _maybe_release(self, room: Room) -> None:
@@ -204,6 +208,9 @@ class Rooms:
         decoded: dict[str, Any] | None = None
         sent = 0
         skip = publication.origin if publication.offset == 0 else ""
+        below: set[Connection] | None = None
+        if room.floors and publication.offset:
+            below = self._below_floor(room, publication)
         for codec, group in room.members.items():
             if codec == dialects.NATIVE:
                 payload: bytes | None = publication.payload
@@ -212,10 +219,23 @@ class Rooms:
                     decoded = orjson.loads(publication.payload)
                 payload = self._encoders[codec](decoded)
             if payload is not None:
-                sent += self._fanout.send(group, payload, skip)
+                targets = group if not below else [c for c in group if c not in below]
+                sent += self._fanout.send(targets, payload, skip)
         self._metrics.messages_out.inc(sent)
         if publication.ts_us:
             self._metrics.fanout_latency.observe((clock.now_us() - publication.ts_us) / 1e6)
+
+    @staticmethod
+    def _below_floor(room: Room, publication: Publication) -> set[Connection] | None:
+        """The members that already got ``publication`` in their hand-over; floors it passes
+        are dropped (the stream is in order: nothing below them comes any more)."""
+        below: set[Connection] = set()
+        for conn, floor in list(room.floors.items()):
+            if floor.epoch == publication.epoch and publication.offset <= floor.offset:
+                below.add(conn)
+            if floor.epoch != publication.epoch or publication.offset >= floor.offset:
+                del room.floors[conn]
+        return below or None
 
     def announce_gap(self, room: Room, until: Position) -> None:
         """Tell the room's live members that messages up to ``until`` may never reach them, and
