@@ -161,6 +161,11 @@ class Node:
             await close_now(sessions, code, reason, within=self.config.close_timeout)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.server.wait_closed(), self.config.close_timeout)
-        await self.service.close()
+        try:
+            # A Redis that hangs must not hold the exit past what a supervisor waits for.
+            await asyncio.wait_for(self.service.close(), self.config.close_timeout * 2)
+        except TimeoutError:
+            log.warning("backends did not close in time; exiting anyway",
+                        seconds=self.config.close_timeout * 2)
         log.info("node stopped")
         self._stopped.set()

@@ -295,8 +295,10 @@ class RedisPresence:
         self._on_user_left = on_user_left
         self._on_user_back = on_user_back
         lease = self._lease_ms / 1000
+        # A renewal and its one retry must both fit well inside the lease (plus the reapers'
+        # margin): each attempt gives up after a quarter of it.
         self._keeper = _LeaseKeeper(
-            sync_twin(self._redis, f"roomcast:{self._node_id}:lease", lease), self._keys,
+            sync_twin(self._redis, f"roomcast:{self._node_id}:lease", lease / 4), self._keys,
             self._node_id, self._lease_ms, self._key_ttl_ms, lambda: self._connections)
         with contextlib.suppress(RedisError, OSError):
             await asyncio.to_thread(self._keeper.renew)
