@@ -24,6 +24,26 @@ from roomcast.backends.keys import Keys
 from roomcast.tools.procs import find_binary, free_port
 from tests.unit.test_slots import SCRIPT_NAMES, ScriptRecorder, every_name, key_slot, run_scenario
 
+#: Redis Cluster listens on port + 10000 for its bus: the client port must leave room for it.
+MAX_CLUSTER_PORT = 65535 - 10000
+
+
+def cluster_port() -> int:
+    """A free port whose cluster-bus port (+10000) exists and is free too."""
+    import socket
+
+    for _ in range(200):
+        port = free_port()
+        if port > MAX_CLUSTER_PORT:
+            continue
+        with socket.socket() as probe:
+            try:
+                probe.bind(("127.0.0.1", port + 10000))
+            except OSError:
+                continue
+        return port
+    raise RuntimeError("no port with a free cluster-bus port")
+
 pytestmark = pytest.mark.redis
 
 
@@ -45,7 +65,17 @@ class ClusterNode:
         return f"redis://127.0.0.1:{self.port}/0"
 
     def start(self, timeout: float = 15.0) -> None:
-        self.port = free_port()
+        # A port can be taken between picking and binding it: a start that fails is retried.
+        for attempt in range(3):
+            try:
+                self._start(timeout)
+                return
+            except RuntimeError:
+                if attempt == 2:
+                    raise
+
+    def _start(self, timeout: float) -> None:
+        self.port = cluster_port()
         self.proc = subprocess.Popen(
             [self.binary, "--cluster-enabled", "yes",
              "--cluster-config-file", f"{self.dir}/nodes.conf", "--dir", self.dir,
