@@ -6,19 +6,13 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-from tests.harness import NodeProcess, RedisServer, find_binary
+from tests.harness import NodeProcess, RedisServer, running_redis
 
 
 @pytest.fixture
 def redis_server() -> Iterator[RedisServer]:
-    if find_binary("redis-server") is None:
-        pytest.fail("redis-server is not installed: run the README test command (./dev test)")
-    server = RedisServer()
-    server.start()
-    try:
+    with running_redis() as server:
         yield server
-    finally:
-        server.stop()
 
 
 @pytest.fixture

@@ -17,7 +17,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -88,6 +88,22 @@ class RedisServer:
 
     def stop(self) -> None:
         self.kill()
+
+
+@contextlib.contextmanager
+def running_redis() -> Iterator[RedisServer]:
+    """A started redis-server for a fixture, stopped by PID afterwards; a clear failure when
+    redis-server is missing (the README test command installs it)."""
+    if find_binary("redis-server") is None:
+        import pytest
+
+        pytest.fail("redis-server is not installed: run the README test command (./dev test)")
+    server = RedisServer()
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
 
 
 class NodeProcess:

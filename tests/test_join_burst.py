@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import json
-import resource
 import time
 from collections import Counter
 from collections.abc import Callable
 
+from tests.chaos.attackers import raise_fd_limit
 from tests.harness import Client, NodeProcess, RedisServer
 
 #: Clients in the burst (the issue's figure).
@@ -26,15 +26,6 @@ BURST_TIMEOUT = 60.0
 #: File descriptors this test needs: a socket per client here and one per client in the node
 #: (which inherits this process's limits), plus the node's Redis pool and some slack.
 FDS_NEEDED = 2 * CLIENTS + 512
-
-
-def raise_fd_limit(needed: int) -> None:
-    """Raise this process's soft RLIMIT_NOFILE to ``needed`` (children inherit it)."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft != resource.RLIM_INFINITY and soft < needed:
-        if hard != resource.RLIM_INFINITY and hard < needed:
-            raise RuntimeError(f"RLIMIT_NOFILE hard limit {hard} is below the {needed} needed")
-        resource.setrlimit(resource.RLIMIT_NOFILE, (needed, hard))
 
 
 async def reply_to_join(client: Client, room: str, timeout: float) -> dict[str, object]:

@@ -15,7 +15,7 @@ import secrets
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -27,7 +27,7 @@ from roomcast.backends.history_redis import RedisHistory
 from roomcast.backends.keys import Keys
 from roomcast.backends.redis_common import RedisHealth, classify, connect
 from roomcast.config import Config
-from tests.harness import NodeProcess, RedisServer, native, wait_for
+from tests.harness import NodeProcess, RedisServer, native, running_redis, wait_for
 
 #: Seconds within which readiness must follow Redis: the probe runs every second.
 FOLLOWS = 5.0
@@ -56,14 +56,8 @@ def logged(node: NodeProcess, event: str, **fields: Any) -> list[dict[str, Any]]
             if all(line.get(k) == v for k, v in fields.items())]
 
 
-@contextlib.contextmanager
-def extra_redis() -> Iterator[RedisServer]:
-    server = RedisServer()
-    server.start()
-    try:
-        yield server
-    finally:
-        server.stop()
+def extra_redis() -> contextlib.AbstractContextManager[RedisServer]:
+    return running_redis()
 
 
 async def test_out_of_memory_redis_refuses_publishes_and_readyz_says_oom_until_it_is_fixed(

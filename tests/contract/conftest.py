@@ -10,22 +10,15 @@ from collections.abc import AsyncIterator, Iterator
 
 import pytest
 
-from roomcast.tools.procs import find_binary
 from tests.contract.factories import Backend, MemoryBackend, RedisBackend
-from tests.harness import RedisServer
+from tests.harness import RedisServer, running_redis
 
 
 @pytest.fixture(scope="session")
 def contract_redis() -> Iterator[RedisServer]:
     """One real redis-server for every contract test (isolated by key prefix)."""
-    if find_binary("redis-server") is None:
-        pytest.fail("redis-server is not installed: run the README test command (./dev test)")
-    server = RedisServer()
-    server.start()
-    try:
+    with running_redis() as server:
         yield server
-    finally:
-        server.stop()
 
 
 @pytest.fixture(params=["memory", "redis"])

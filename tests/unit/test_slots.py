@@ -37,7 +37,7 @@ from roomcast.backends.presence_redis import RedisPresence
 from roomcast.backends.redis_common import as_str, load_script
 from roomcast.config import Config
 from roomcast.protocol import envelopes
-from tests.harness import RedisServer, find_binary, wait_for
+from tests.harness import RedisServer, running_redis, wait_for
 
 SLOTS = 16384
 
@@ -426,14 +426,8 @@ class Observed:
 
 @pytest.fixture(scope="module")
 def redis_plain() -> Iterator[RedisServer]:
-    if find_binary("redis-server") is None:
-        pytest.fail("redis-server is not installed: run the README test command (./dev test)")
-    server = RedisServer()
-    server.start()
-    try:
+    with running_redis() as server:
         yield server
-    finally:
-        server.stop()
 
 
 @pytest.fixture
