@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 
 import pytest
+import redis.asyncio as aioredis
 
 from tests.harness import NodeProcess, RedisServer, running_redis
 
@@ -35,3 +36,13 @@ def start_node() -> Iterator[Callable[..., NodeProcess]]:
 def node(start_node: Callable[..., NodeProcess]) -> NodeProcess:
     """One node in embedded mode (no Redis), short presence grace for fast tests."""
     return start_node(None, "--presence-grace", "0.3", "--rate-burst", "500")
+
+
+@pytest.fixture
+async def redis_client(redis_server: RedisServer) -> AsyncIterator[aioredis.Redis]:
+    """An asyncio client of the test's redis-server, closed afterwards."""
+    client = aioredis.Redis.from_url(redis_server.url, socket_timeout=5)
+    try:
+        yield client
+    finally:
+        await client.aclose()

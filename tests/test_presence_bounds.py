@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import secrets
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 
 import pytest
 import redis.asyncio as aioredis
@@ -37,15 +37,6 @@ async def crowd(node: NodeProcess, room: str, count: int) -> list[Client]:
             return client
 
     return list(await asyncio.gather(*(one(i) for i in range(count))))
-
-
-@pytest.fixture
-async def redis_client(redis_server: RedisServer) -> AsyncIterator[aioredis.Redis]:
-    client = aioredis.Redis.from_url(redis_server.url, socket_timeout=5)
-    try:
-        yield client
-    finally:
-        await client.aclose()
 
 
 async def test_a_mass_disconnect_is_announced_within_two_seconds_of_the_grace_window(

@@ -7,7 +7,7 @@ import asyncio
 import secrets
 import signal
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 
 import pytest
 import redis.asyncio as aioredis
@@ -162,15 +162,6 @@ class Back:
 
 async def ignore_left(room: str, user_id: str, username: str) -> None:
     del room, user_id, username
-
-
-@pytest.fixture
-async def redis_client(redis_server: RedisServer) -> AsyncIterator[aioredis.Redis]:
-    client = aioredis.Redis.from_url(redis_server.url, socket_timeout=5)
-    try:
-        yield client
-    finally:
-        await client.aclose()
 
 
 @pytest.fixture

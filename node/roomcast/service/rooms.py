@@ -91,9 +91,6 @@ class Rooms:
     def get(self, name: str) -> Room | None:
         return self._rooms.get(name)
 
-    def names(self) -> list[str]:
-        return list(self._rooms)
-
     def local_counts(self) -> dict[str, int]:
         return {name: len(room) for name, room in self._rooms.items()}
 

@@ -176,7 +176,3 @@ class SessionFanout:
                 continue
             targets.append(session.ws)
         return self.writer.send(targets, payload)
-
-    def cut_slow(self, session: Session) -> None:
-        """A client that cannot keep up is closed with 4000, never waited for."""
-        self.budget.cut(session)
