@@ -74,6 +74,15 @@ class Node:
         return conn
 
 
+async def started(history: MemoryHistory, broker: MemoryBroker) -> tuple[Service, Rooms]:
+    """A started service of node n1 over this history and broker (memory presence)."""
+    rooms = Rooms(broker, DirectFanout(), Metrics(), 0.0, dialects.ENCODERS)
+    service = Service(Config(node_id="n1"), Backends(broker, history, MemoryPresence("n1", 0.05)),
+                      rooms, Metrics())
+    await service.start()
+    return service, rooms
+
+
 @pytest.fixture
 async def node() -> AsyncIterator[Node]:
     node = Node()
@@ -139,11 +148,7 @@ async def test_a_publication_racing_the_join_arrives_exactly_once(
     """Published while the joiner's history is read: in the replay or live, never both or none."""
     history = RacingHistory(publish_before_read)
     broker = MemoryBroker(history)
-    config = Config(node_id="n1")
-    rooms = Rooms(broker, DirectFanout(), Metrics(), 0.0, dialects.ENCODERS)
-    service = Service(config, Backends(broker, history, MemoryPresence("n1", 0.05)), rooms,
-                      Metrics())
-    await service.start()
+    service, _ = await started(history, broker)
     pub, sub = Conn("p", Identity("p", "P")), Conn("s", Identity("s", "S"))
     first = await service.publish(pub, "r", "before")
 
@@ -301,10 +306,7 @@ async def test_a_new_epoch_that_skips_its_start_is_refilled_and_the_old_tail_tol
     now = [0.0]
     history = MemoryHistory(100, 10.0, clock=lambda: now[0])
     broker = MemoryBroker(history)
-    rooms = Rooms(broker, DirectFanout(), Metrics(), 0.0, dialects.ENCODERS)
-    service = Service(Config(node_id="n1"), Backends(broker, history, MemoryPresence("n1", 0.05)),
-                      rooms, Metrics())
-    await service.start()
+    service, rooms = await started(history, broker)
     pub, sub = Conn("p", Identity("p", "P")), Conn("s", Identity("s", "S"))
     await service.join(sub, "r")
     old = await service.publish(pub, "r", "old")
@@ -357,10 +359,7 @@ async def test_a_join_during_a_refill_gets_each_message_once() -> None:
     from a position past it: no message twice, none missing."""
     history = GatedHistory()
     broker = MemoryBroker(history)
-    rooms = Rooms(broker, DirectFanout(), Metrics(), 0.0, dialects.ENCODERS)
-    service = Service(Config(node_id="n1"), Backends(broker, history, MemoryPresence("n1", 0.05)),
-                      rooms, Metrics())
-    await service.start()
+    service, rooms = await started(history, broker)
     pub, old = Conn("p", Identity("p", "P")), Conn("o", Identity("o", "O"))
     new = Conn("n", Identity("n", "N"))
     await service.join(old, "r")
@@ -415,10 +414,7 @@ async def test_a_join_whose_history_is_ahead_of_the_live_stream_gets_no_repeats(
     a member that joined earlier without a position (a compatibility client) loses nothing."""
     history = MemoryHistory()
     broker = LaggingBroker(history)
-    rooms = Rooms(broker, DirectFanout(), Metrics(), 0.0, dialects.ENCODERS)
-    service = Service(Config(node_id="n1"), Backends(broker, history, MemoryPresence("n1", 0.05)),
-                      rooms, Metrics())
-    await service.start()
+    service, _ = await started(history, broker)
     pub, early = Conn("p", Identity("p", "P")), Conn("e", Identity("e", "E"))
     await service.join(early, "r", with_position=False)
     first = await service.publish(pub, "r", 1)
