@@ -84,9 +84,22 @@ class _ChatCodec:
     """What the two chat tutorials share: one room, publish-only, no acknowledgements."""
 
     name = ""
+    #: The dialect's text for a publish the backend could not take.
+    unavailable_text = ""
 
     def __init__(self, room: str) -> None:
         self.room = room
+
+    def notice(self, text: str) -> bytes:
+        """A free-text error, in the dialect's shape."""
+        raise NotImplementedError
+
+    def error(self, code: str, message: str, request_id: Any = None, **extra: Any) -> bytes:
+        if code == ErrorCode.UNAVAILABLE:
+            message = self.unavailable_text
+        elif code == ErrorCode.RATE_LIMITED:
+            message = f"rate limited; retry after {extra.get('retry_after_ms')} ms"
+        return self.notice(message)
 
     def joined(self, room: str, request_id: Any, **position: Any) -> None:
         return None
@@ -114,6 +127,7 @@ class FastApiCodec(_ChatCodec):
     """``/ws/chat/{room}``: frames are messages (JSON or plain text), typing and ping."""
 
     name = dialects.FASTAPI
+    unavailable_text = "unavailable: the cluster backend is down; message not sent"
 
     def decode(self, frame: str | bytes) -> Request:
         if isinstance(frame, bytes):
@@ -130,13 +144,6 @@ class FastApiCodec(_ChatCodec):
                 raise ProtocolError(ErrorCode.UNKNOWN_TYPE, f"unknown message type {kind!r}")
         raise AssertionError("parse_fastapi returned an unknown action")  # pragma: no cover
 
-    def error(self, code: str, message: str, request_id: Any = None, **extra: Any) -> bytes:
-        if code == ErrorCode.UNAVAILABLE:
-            message = "unavailable: the cluster backend is down; message not sent"
-        elif code == ErrorCode.RATE_LIMITED:
-            message = f"rate limited; retry after {extra.get('retry_after_ms')} ms"
-        return dialects.fastapi_error(message)
-
     def pong(self, request_id: Any) -> bytes:
         return b'{"type":"pong"}'
 
@@ -149,6 +156,7 @@ class TutorialCodec(_ChatCodec):
     """``/``: after the join handshake, every frame is ``{"type": "chat", "text": ...}``."""
 
     name = dialects.TUTORIAL
+    unavailable_text = "unavailable: message not sent, retry later"
 
     def __init__(self, room: str, max_chat_length: int) -> None:
         super().__init__(room)
@@ -162,13 +170,6 @@ class TutorialCodec(_ChatCodec):
         if not isinstance(text, str):
             raise ProtocolError(ErrorCode.BAD_REQUEST, "text must be a string")
         return envelopes.Publish(self.room, text[: self.max_chat_length])
-
-    def error(self, code: str, message: str, request_id: Any = None, **extra: Any) -> bytes:
-        if code == ErrorCode.UNAVAILABLE:
-            message = "unavailable: message not sent, retry later"
-        elif code == ErrorCode.RATE_LIMITED:
-            message = f"rate limited; retry after {extra.get('retry_after_ms')} ms"
-        return dialects.tutorial("error", "server", message)
 
     def notice(self, text: str) -> bytes:
         """A free-text error, as the dialect's opening sends it."""
