@@ -109,11 +109,84 @@ class Config:
     tutorial_room: str = _opt("chat", "Room of the python-websockets tutorial dialect on '/'.")
     max_nick_length: int = _opt(20, "Nicknames are stripped and cut to this many characters.")
     max_chat_length: int = _opt(500, "Tutorial-dialect chat text is cut to this many characters.")
+    # Identity (docs/PROTOCOL.md, "Authentication").
+    auth: str = _opt(
+        "none", "How clients are identified: none (the user_id/username the client names, "
+        "unverified: development only) or jwt (a signed token; production).",
+        choices=("none", "jwt"),
+    )
+    jwt_secret: str | None = _opt(
+        None, "HMAC secret (HS256/384/512) that connection and room tokens are signed with; "
+        "at least 32 characters."
+    )
+    jwt_secret_file: str | None = _opt(
+        None, "File of HMAC secrets, one per line, every one accepted (key rotation); re-read "
+        "when it changes."
+    )
+    jwt_public_key: str | None = _opt(
+        None, "PEM file of RSA, ECDSA or Ed25519 public keys (RS*, PS*, ES*, EdDSA); several "
+        "keys may follow each other (rotation); re-read when it changes."
+    )
+    jwks_url: str | None = _opt(
+        None, "JWKS URL of the identity provider's public keys; cached, and fetched again for "
+        "a token whose kid is unknown."
+    )
+    jwt_audience: str | None = _opt(None, "Required aud claim of every token; absent = aud "
+                                    "is not checked.")
+    jwt_issuer: str | None = _opt(None, "Required iss claim of every token; absent = iss is "
+                                  "not checked.")
+    jwt_leeway: float = _opt(5.0, "Seconds of clock skew allowed when checking exp, nbf and iat.")
+    refresh_grace: float = _opt(
+        25.0, "Seconds a client has after its token expired (refresh_required) to send a "
+        "refresh; then it is closed with 4002."
+    )
+    auth_timeout: float = _opt(
+        10.0, "Seconds a client that brought no token in the URL or a header has to send its "
+        "connect frame; then it is closed with 4501."
+    )
+    allow_anonymous: bool = _opt(
+        False, "With --auth jwt, let clients without a token connect as anonymous users (they "
+        "may only join namespaces whose join rule is anyone)."
+    )
+    allowed_origins: tuple[str, ...] = _opt(
+        (), "Comma-separated Origin patterns (glob, e.g. https://*.example.com) a browser may "
+        "connect from; none = any origin with --auth none, the node's own host with --auth jwt."
+    )
+    namespaces_file: str | None = _opt(
+        None, "TOML file of room namespaces and their permissions and options; absent = every "
+        "room is in the default namespace."
+    )
+    # Connection limits.
+    max_connections: int = _opt(
+        0, "Connections this node accepts; a handshake past it gets HTTP 503 (the balancer "
+        "tries another node). 0 = no limit."
+    )
+    max_connections_per_address: int = _opt(
+        0, "Connections one client address may hold on this node (after --trusted-proxies); "
+        "past it: HTTP 429. 0 = no limit."
+    )
+    max_connections_per_user: int = _opt(
+        0, "Connections one user may hold across the cluster; past it the connection is "
+        "closed with 4503. 0 = no limit."
+    )
+    handshake_rate: float = _opt(
+        0.0, "WebSocket handshakes per second one client address may make (token bucket); "
+        "past it: HTTP 429 with Retry-After. 0 = no limit."
+    )
+    handshake_burst: int = _opt(20, "Handshakes one address may make at once (the bucket "
+                                "size of --handshake-rate).")
+    typing_interval: float = _opt(
+        1.0, "Seconds between two typing events relayed for one connection and room; typing "
+        "frames in between are dropped, not counted as flooding."
+    )
     # Drain and operations.
     drain_delay: float = _opt(5.0, "Seconds between readiness off and the first 1012 close.")
     drain_window: float = _opt(10.0, "Seconds over which connections are closed in batches.")
     admin_token: str | None = _opt(
         None, "Bearer token for /admin/ endpoints; absent = admin endpoints are disabled."
+    )
+    admin_token_file: str | None = _opt(
+        None, "File whose first line is the admin token (instead of --admin-token)."
     )
     trusted_proxies: tuple[str, ...] = _opt(
         (), "Comma-separated proxy addresses whose X-Forwarded-For is believed."
@@ -154,12 +227,25 @@ class Config:
              "must start with redis://, rediss:// or unix://"),
             ("tutorial_room", _ROOM_RE.fullmatch(self.tutorial_room) is not None,
              "must be 1-64 characters of letters, digits and _ . : -"),
+            ("auth", self.auth in ("none", "jwt"), "must be none or jwt"),
+            ("auth", self.auth != "jwt" or any(
+                (self.jwt_secret, self.jwt_secret_file, self.jwt_public_key, self.jwks_url)),
+             "jwt needs a key: --jwt-secret, --jwt-secret-file, --jwt-public-key or --jwks-url"),
+            ("jwt_secret", self.jwt_secret is None or len(self.jwt_secret) >= 32,
+             "must be at least 32 characters (RFC 7518 section 3.2: a key as long as the hash)"),
+            ("jwks_url", self.jwks_url is None or self.jwks_url.startswith(
+                ("https://", "http://")), "must be an http:// or https:// URL"),
+            ("handshake_burst", self.handshake_burst >= 1, "must be at least 1"),
         ]
+        for name in ("max_connections", "max_connections_per_address",
+                     "max_connections_per_user"):
+            rules.append((name, getattr(self, name) >= 0, "must be 0 (no limit) or more"))
         # NaN passes every comparison's negation, so finiteness is checked first.
         positive = ("rate_limit", "node_lease_ttl", "redis_timeout", "redis_connect_timeout",
-                    "redis_retry_max", "close_timeout", "idle_room_ttl")
+                    "redis_retry_max", "close_timeout", "idle_room_ttl", "auth_timeout")
         non_negative = ("ping_interval", "ping_timeout", "unsubscribe_linger",
-                        "presence_grace", "history_ttl", "drain_delay", "drain_window")
+                        "presence_grace", "history_ttl", "drain_delay", "drain_window",
+                        "jwt_leeway", "refresh_grace", "handshake_rate", "typing_interval")
         for name in positive:
             value = getattr(self, name)
             rules.append((name, math.isfinite(value) and value > 0,
@@ -240,7 +326,25 @@ def load_config(
             values[f.name] = _convert(f, raw)
         except ValueError:
             raise ValueError(f"{source}: invalid value {raw!r}") from None
+    if values.get("admin_token_file") and not values.get("admin_token"):
+        values["admin_token"] = read_secret_file(values["admin_token_file"], "--admin-token-file")
     return Config(**values)
+
+
+def read_secret_file(path: str, flag: str) -> str:
+    """The first non-empty line of a secret file (a mounted Kubernetes secret, say).
+
+    Raises ValueError naming ``flag`` when it cannot be read or holds no line.
+    """
+    try:
+        with open(path, encoding="utf-8") as handle:
+            lines = [line.strip() for line in handle]
+    except OSError as exc:
+        raise ValueError(f"{flag}: cannot read {path}: {exc.strerror}") from None
+    secret = next((line for line in lines if line), "")
+    if not secret:
+        raise ValueError(f"{flag}: {path} is empty")
+    return secret
 
 
 def markdown_table() -> str:
