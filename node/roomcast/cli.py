@@ -32,6 +32,8 @@ TOOLS: dict[str, tuple[str, str]] = {
               "benchmark fan-out throughput, latency and memory against a reference"),
     "cluster": ("roomcast.tools.cluster", "run a local cluster: redis-server, nodes and nginx"),
     "drain": ("roomcast.tools.cluster", "ask one node to drain (POST /admin/drain)"),
+    "token": ("roomcast.tools.token_cli",
+              "mint a signed connection or room token (JWT) for testing"),
 }
 
 
