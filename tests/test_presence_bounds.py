@@ -178,7 +178,7 @@ async def test_a_rooms_presence_keys_are_refreshed_while_it_has_members(
     await store.start(ignore)
     try:
         ann = Member("ann", "Ann", "n1", "c1", 1, "Ann")
-        assert await store.claim_nick("r", "Ann", ann)
+        assert await store.claim_nick("r", "Ann", ann, owner="user:ann")
         assert await store.add("r", ann)
         started = time.monotonic()
         # Three TTLs later every key is still there, each with a TTL within one TTL.

@@ -302,3 +302,11 @@ class RedisBackend(Backend):
     async def advance(self, seconds: float) -> None:
         # Redis expires keys on its own clock (PEXPIRE): real time has to pass.
         await asyncio.sleep(seconds)
+
+    def leaseless_presence(self, node_id: str) -> PresenceStore:
+        """A presence store of node ``node_id`` that is never started: it writes to Redis like
+        any node but holds no lease, so the other nodes see its entries as a dead node's (one
+        killed and reaped)."""
+        store, close = self._new_presence(node_id, GRACE)
+        self._closers.append(close)
+        return store

@@ -18,6 +18,9 @@ room_names = st.text(
 )
 node_ids = st.text(alphabet="abcdefghijklmnopqrstuvwxyz0123456789_.-", min_size=1, max_size=30)
 prefixes = st.text(alphabet="abcdefghijklmnopqrstuvwxyz0123456789_:-", min_size=1, max_size=20)
+#: User ids are printable and may hold spaces (and braces: their key is touched alone).
+user_ids = st.text(alphabet="abcdefghijklmnopqrstuvwxyzAB0123456789 _.:@-", min_size=1,
+                   max_size=40)
 
 
 def room_keys(keys: Keys, room: str, node_id: str = "n1") -> list[str]:
@@ -37,6 +40,11 @@ def node_keys(keys: Keys, node_id: str = "n1") -> list[str]:
     ]
 
 
+def user_keys(keys: Keys, user_id: str = "u1") -> list[str]:
+    """Every per-user name (the user's slot, each touched alone)."""
+    return [keys.user_connections(user_id)]
+
+
 def test_default_names_match_the_documented_layout() -> None:
     """The default prefix is roomcast and room names sit in a {hash tag}."""
     keys = Keys()
@@ -49,6 +57,7 @@ def test_default_names_match_the_documented_layout() -> None:
         "roomcast:control", "roomcast:nodes", "roomcast:node:n1", "roomcast:noderooms:n1",
         "roomcast:leaverooms", "roomcast:probe:n1",
     ]
+    assert user_keys(keys, "ann") == ["roomcast:uconns:{ann}"]
 
 
 def test_every_name_method_is_covered_here() -> None:
@@ -59,11 +68,11 @@ def test_every_name_method_is_covered_here() -> None:
         name for name, _ in inspect.getmembers(Keys, inspect.isfunction)
         if not name.startswith("_") and name != "room_of_channel"
     }
-    built = set(room_keys(keys, "r", "n")) | set(node_keys(keys, "n"))
+    built = set(room_keys(keys, "r", "n")) | set(node_keys(keys, "n")) | set(user_keys(keys, "u"))
     for name in builders:
         method = getattr(keys, name)
         params = list(inspect.signature(method).parameters)
-        values = {"room": "r", "node_id": "n"}
+        values = {"room": "r", "node_id": "n", "user_id": "u"}
         assert method(*(values[p] for p in params)) in built, name
 
 
@@ -91,6 +100,17 @@ def test_node_level_names_carry_no_hash_tag(prefix: str, node_id: str) -> None:
 
 
 @FUZZ
+@given(prefix=prefixes, user_id=user_ids)
+def test_a_users_names_have_the_prefix_and_the_user_as_hash_tag(prefix: str, user_id: str) -> None:
+    """A user's names start with the prefix and carry the user id as their hash tag (one key
+    per script or command, so the tag only spreads users over the slots)."""
+    for key in user_keys(Keys(prefix), user_id):
+        assert key.startswith(prefix + ":")
+        assert key.endswith("{" + user_id + "}")
+        assert key.index("{") == len(key) - len(user_id) - 2
+
+
+@FUZZ
 @given(prefix=prefixes, room=room_names)
 def test_room_of_channel_inverts_channel(prefix: str, room: str) -> None:
     """The room is read back from a channel name exactly."""
@@ -99,20 +119,23 @@ def test_room_of_channel_inverts_channel(prefix: str, room: str) -> None:
 
 
 @FUZZ
-@given(room=room_names, other=room_names, node_id=node_ids)
+@given(room=room_names, other=room_names, node_id=node_ids, user_id=user_ids,
+       other_user=user_ids)
 def test_names_of_different_rooms_and_concepts_never_collide(
-    room: str, other: str, node_id: str
+    room: str, other: str, node_id: str, user_id: str, other_user: str
 ) -> None:
-    """No two concepts or rooms share a key, so one room's data never overwrites another's."""
+    """No two concepts, rooms or users share a key, so one's data never overwrites another's."""
     keys = Keys()
-    names = room_keys(keys, room, node_id) + node_keys(keys, node_id)
+    names = room_keys(keys, room, node_id) + node_keys(keys, node_id) + user_keys(keys, user_id)
     if other != room:
         names += room_keys(keys, other, node_id)
+    if other_user != user_id:
+        names += user_keys(keys, other_user)
     assert len(names) == len(set(names))
 
 
 def test_two_prefixes_share_no_names() -> None:
     """Two clusters on one Redis with different prefixes touch disjoint keys."""
-    first = set(room_keys(Keys("a"), "r") + node_keys(Keys("a")))
-    second = set(room_keys(Keys("b"), "r") + node_keys(Keys("b")))
+    first = set(room_keys(Keys("a"), "r") + node_keys(Keys("a")) + user_keys(Keys("a")))
+    second = set(room_keys(Keys("b"), "r") + node_keys(Keys("b")) + user_keys(Keys("b")))
     assert first.isdisjoint(second)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import inspect
 import itertools
 import re
@@ -236,11 +237,12 @@ class Monitor:
         return self.commands
 
 
-def every_name(keys: Keys, rooms: set[str], nodes: set[str]) -> set[str]:
-    """Every name that keys.py builds for these rooms and nodes: any other name in Redis would
-    have been formatted somewhere else."""
+def every_name(keys: Keys, rooms: set[str], nodes: set[str],
+               users: frozenset[str] | set[str] = frozenset()) -> set[str]:
+    """Every name that keys.py builds for these rooms, nodes and users: any other name in Redis
+    would have been formatted somewhere else."""
     names: set[str] = set()
-    values = {"room": sorted(rooms), "node_id": sorted(nodes)}
+    values = {"room": sorted(rooms), "node_id": sorted(nodes), "user_id": sorted(users)}
     for attr, _ in inspect.getmembers(Keys, inspect.isfunction):
         method = getattr(keys, attr)
         params = list(inspect.signature(method).parameters)
@@ -288,13 +290,14 @@ class Scenario:
     keys: Keys
     rooms: set[str] = field(default_factory=lambda: {"lobby", "attic:2"})
     nodes: set[str] = field(default_factory=lambda: {"n1", "n2", "n3"})
+    users: set[str] = field(default_factory=lambda: {"ann", "cat"})
 
 
 async def run_scenario(url: str, flush: bool = True) -> Scenario:
     """Presence on three nodes (add, remove, claim_nick, members, stats, the reap of a dead
-    node, user_left after the grace window, re-registration after Redis lost its data, clean
-    shutdown) and a publish/history round trip, asserting the PresenceStore behaviour on the
-    way. Needs presence_redis.TICK shortened by the caller."""
+    node, user_left after the grace window, per-user connection counts, re-registration after
+    Redis lost its data, clean shutdown) and a publish/history round trip, asserting the
+    PresenceStore behaviour on the way. Needs presence_redis.TICK shortened by the caller."""
     scenario = Scenario(Keys(f"slots-{secrets.token_hex(4)}"))
     keys = scenario.keys
     clients: list[aioredis.Redis] = []
@@ -319,10 +322,19 @@ async def run_scenario(url: str, flush: bool = True) -> Scenario:
         assert await n2.claim_nick("lobby", "ANN", ann3)  # The same user takes it over.
         assert await n2.add("lobby", bob)
         assert not await n2.add("lobby", ann3)  # Ann's second connection: no user_joined.
+        assert await n2.count("lobby") == 2
+        # Ann's connections count cluster-wide: two of two, on two nodes.
+        assert await n1.open_connection("ann", "c1", 2)
+        assert await n2.open_connection("ann", "c3", 2)
+        assert not await n1.open_connection("ann", "c9", 2)
 
         # n3 registers, holds entries and a nick in two rooms, and dies (its lease runs out).
-        cat, dan = member("cat", "n3", "c4", 4, "Cat"), member("dan", "n3", "c5", 5)
+        # Cat's member carries info, which lua/reap_node.lua decodes with the rest of the JSON.
+        cat = dataclasses.replace(member("cat", "n3", "c4", 4, "Cat"),
+                                  info={"roles": ["a", "b"], "n": 1.5, "x": None, "u": "é"})
+        dan = member("dan", "n3", "c5", 5)
         assert await n3.claim_nick("lobby", "Cat", cat)
+        assert await n3.open_connection("cat", "c4", 1)
         assert await n3.add("lobby", cat)
         assert await n3.add("attic:2", dan)
         eve = member("eve", "n1", "c6", 6, "cat")
@@ -335,6 +347,9 @@ async def run_scenario(url: str, flush: bool = True) -> Scenario:
         assert await n2.members("lobby") == [ann1, bob, ann3]
         assert await n1.members("attic:2") == []
         assert not await n2.claim_nick("lobby", "CAT", bob)  # The reap left eve's nick alone.
+        # The dead node's connection of cat no longer counts (and is dropped here).
+        assert await n1.open_connection("cat", "c10", 1)
+        await n1.close_connection("ann", "c1")
 
         n1.set_connection_count(1)
         n2.set_connection_count(2)
@@ -368,12 +383,16 @@ async def run_scenario(url: str, flush: bool = True) -> Scenario:
             await admin.flushdb()
 
             async def back() -> bool:
-                return await n2.members("lobby") == [ann7]
+                return await n2.members("lobby") == [ann7] and await admin.hgetall(
+                    keys.user_connections("ann")) == {b"c3": b"n2"} and await admin.hgetall(
+                    keys.user_connections("cat")) == {b"c10": b"n1"}
 
-            await wait_for(back, timeout=WAIT, what="ann re-registered")
+            await wait_for(back, timeout=WAIT, what="ann and cat re-registered")
 
         await n1.close()
         await n2.close()
+        for user_id in scenario.users:  # One key per command, as everywhere here.
+            assert not await admin.exists(keys.user_connections(user_id)), user_id
         assert await n3.members("lobby") == []
         assert await n3.stats() == {"nodes": {}, "rooms": {}}
 
@@ -497,7 +516,8 @@ async def test_keys_py_is_the_only_place_names_are_made(observed: Observed) -> N
     for the scenario's rooms and nodes (so none was formatted elsewhere), and no script is
     handed the bare prefix to build names from."""
     keys = observed.scenario.keys
-    known = every_name(keys, observed.scenario.rooms, observed.scenario.nodes)
+    known = every_name(keys, observed.scenario.rooms, observed.scenario.nodes,
+                       observed.scenario.users)
     touched = {key for command in observed.commands for key in command.keys}
     touched |= {key for call in observed.calls for key in call.keys}
     assert touched, "nothing recorded"

@@ -5,7 +5,8 @@ to Lua through KEYS (and, for the one channel a script publishes to, ARGV).
 
 Redis Cluster: room-scoped names carry the room in a hash tag (``{room}``), so that every key and
 the channel of one room fall in one slot and a room's Lua script may touch all of them at once;
-the channel can move to sharded pub/sub (SPUBLISH) without renaming anything. Node-level and
+the channel can move to sharded pub/sub (SPUBLISH) without renaming anything. A user's
+connections hash carries the user id as its tag (one key, touched alone). Node-level and
 cluster-wide names carry no tag and each is touched only by commands (or one-key scripts) of its
 own, never together with a room's keys (tests/unit/test_slots.py computes the slots).
 
@@ -13,6 +14,7 @@ Expiry (presence_redis.py): every presence key of a room (``pres``, ``presnodes`
 ``nicks``, ``leaves``, ``leavenames``) and each ``noderooms`` set carry a TTL (--idle-room-ttl,
 with a floor) that the nodes with entries there refresh; ``node:<node>`` lives two leases. Only
 ``nodes`` and ``leaverooms`` have none: each names what another node reaps or announces.
+``uconns:{user}`` lives USER_CONNS_TTL (presence_redis.py) past its user's last open or close.
 
 =========================  ==========================================  ==================
 name                       what                                        slot
@@ -23,9 +25,11 @@ name                       what                                        slot
 ``pres:{room}:<node>``     hash conn_id -> member JSON, one node       the room's
 ``presnodes:{room}``       set of nodes with entries in the room       the room's
 ``users:{room}``           hash user_id -> connection count            the room's
-``nicks:{room}``           hash nick -> ``node conn user``             the room's
+``nicks:{room}``           hash nick -> ``node conn owner``            the room's
 ``leaves:{room}``          zset user_id -> user_left deadline          the room's
 ``leavenames:{room}``      hash user_id -> username, beside leaves     the room's
+``uconns:{user}``          hash conn_id -> node_id: the user's open    the user's
+                           connections in the cluster
 ``control``                node-wide pub/sub channel                   (a channel)
 ``nodes``                  zset node_id -> lease deadline, or a hold   its own
 ``node:<node>``            hash: the node's connection count           its own
@@ -65,7 +69,8 @@ class Keys:
         return f"{self.prefix}:presnodes:{{{room}}}"
 
     def nicks(self, room: str) -> str:
-        """Hash nick -> ``node_id conn_id user_id`` of the connection holding it."""
+        """Hash nick -> ``node_id conn_id owner`` of the connection holding it (the owner,
+        which may contain spaces, last)."""
         return f"{self.prefix}:nicks:{{{room}}}"
 
     def users(self, room: str) -> str:
@@ -89,6 +94,13 @@ class Keys:
         """Node-wide pub/sub channel each node subscribes to first, so that its pub/sub
         connection is in subscribed mode (and its liveness confirmed) even with no rooms."""
         return f"{self.prefix}:control"
+
+    # --- per user: one key, in the user's slot, touched alone -----------------------------------
+    def user_connections(self, user_id: str) -> str:
+        """Hash conn_id -> node_id of the user's open connections in the cluster, for the
+        per-user connection limit (lua/open_connection.lua); entries of dead nodes are dropped
+        by the user's next open."""
+        return f"{self.prefix}:uconns:{{{user_id}}}"
 
     # --- per node / cluster-wide: each in a slot of its own, never in a room's script ----------
     def nodes(self) -> str:

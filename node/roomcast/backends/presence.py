@@ -10,6 +10,10 @@ peer (its users announced gone) although its connections are still open. When it
 writes its entries again and reports each user that the cluster no longer counted through
 ``on_user_back`` (the service announces them with user_joined again); ``restore`` does the same
 for one user on demand (the service saw a user_left about a user connected here).
+
+Two counts serve the service's limits: ``open_connection``/``close_connection`` count each user's
+open connections across the cluster (a per-user connection limit), and ``count`` gives a room's
+distinct users (a per-room member limit).
 """
 
 from __future__ import annotations
@@ -30,11 +34,16 @@ class Member:
     conn_id: str
     joined_at: int  # unix milliseconds, like every ts
     nick: str | None = None
+    #: A public JSON value from the user's token, shown in presence; None for none.
+    info: Any = None
 
     def to_dict(self) -> dict[str, Any]:
+        """The member as listed in presence (and stored as JSON by RedisPresence): a nick or
+        info that is None is left out."""
         body = asdict(self)
-        if self.nick is None:
-            del body["nick"]
+        for optional in ("nick", "info"):
+            if body[optional] is None:
+                del body[optional]
         return body
 
 
@@ -69,8 +78,28 @@ class PresenceStore(Protocol):
         lost them (the cluster announced the user gone while connected here). Idempotent; does
         not call on_user_back."""
 
-    async def claim_nick(self, room: str, nick: str, member: Member) -> bool:
-        """Reserve ``nick`` in the room for this connection; False when another holds it."""
+    async def claim_nick(self, room: str, nick: str, member: Member, owner: str = "") -> bool:
+        """Reserve ``nick`` in the room for this connection; False when another holds it.
+
+        The holder may be replaced by a claimant with the same ``owner`` (a reconnect before the
+        old connection is gone): the caller passes ``"user:" + user_id`` for a connection with
+        an identity, ``"conn:" + conn_id`` for one without (then nobody else can take the nick
+        while it lives). A nick held by a connection of a dead node is free. ``""`` (the
+        default) means ``"user:" + member.user_id``."""
+
+    async def open_connection(self, user_id: str, conn_id: str, limit: int) -> bool:
+        """Count ``conn_id`` towards ``user_id``'s open connections in the cluster, unless the
+        user already has ``limit`` (>= 1) live ones: then False, and nothing is recorded.
+        Opening a connection already counted is True. Connections of nodes whose lease lapsed
+        (dead, reaped) do not count. Raises BrokerUnavailable when Redis fails."""
+
+    async def close_connection(self, user_id: str, conn_id: str) -> None:
+        """Stop counting the connection. Never fails: while Redis is unreachable it is retried
+        later, as ``remove`` is."""
+
+    async def count(self, room: str) -> int:
+        """Distinct users present in the room, cluster-wide (users within their grace window
+        after their last connection left do not count)."""
 
     async def stats(self) -> dict[str, Any]:
         """``nodes`` {node_id: {connections}} and ``rooms`` {room: distinct users}."""
@@ -84,6 +113,17 @@ def nick_key(nick: str) -> str:
     return nick.lower()
 
 
+def nick_owner(member: Member, owner: str) -> str:
+    """claim_nick's ``owner``, the default (``""``) filled in from the member."""
+    return owner or f"user:{member.user_id}"
+
+
+def check_limit(limit: int) -> None:
+    """open_connection's limit must let at least one connection in."""
+    if limit < 1:
+        raise ValueError(f"connection limit must be at least 1, not {limit}")
+
+
 class MemoryPresence:
     """Presence of a lone node."""
 
@@ -91,7 +131,8 @@ class MemoryPresence:
         self._node_id = node_id
         self._grace = grace
         self._rooms: dict[str, dict[str, Member]] = {}
-        self._nicks: dict[str, dict[str, tuple[str, str]]] = {}  # nick -> (conn_id, user_id)
+        self._nicks: dict[str, dict[str, tuple[str, str]]] = {}  # nick -> (conn_id, owner)
+        self._user_conns: dict[str, set[str]] = {}  # user_id -> open conn_ids
         self._leaving: dict[tuple[str, str], asyncio.TimerHandle] = {}
         self._on_user_left: OnUserLeft | None = None
         self._connections = 0
@@ -108,6 +149,7 @@ class MemoryPresence:
         self._leaving.clear()
         self._rooms.clear()
         self._nicks.clear()
+        self._user_conns.clear()
 
     def _present(self, room: str, user_id: str) -> bool:
         return any(m.user_id == user_id for m in self._rooms.get(room, {}).values())
@@ -154,14 +196,33 @@ class MemoryPresence:
     async def restore(self, room: str, user_id: str) -> None:
         """Nothing to do: memory never loses a connected user's entries."""
 
-    async def claim_nick(self, room: str, nick: str, member: Member) -> bool:
-        holders = self._nicks.setdefault(room, {})
-        holder = holders.get(nick_key(nick))
-        # The same user may take its nick over: a reconnect before the old connection is gone.
-        if holder is not None and holder[1] != member.user_id:
+    async def claim_nick(self, room: str, nick: str, member: Member, owner: str = "") -> bool:
+        owner = nick_owner(member, owner)
+        holder = self._nicks.get(room, {}).get(nick_key(nick))
+        # The same owner may take its nick over: a reconnect before the old connection is gone.
+        if holder is not None and holder[1] != owner:
             return False
-        holders[nick_key(nick)] = (member.conn_id, member.user_id)
+        self._nicks.setdefault(room, {})[nick_key(nick)] = (member.conn_id, owner)
         return True
+
+    async def open_connection(self, user_id: str, conn_id: str, limit: int) -> bool:
+        check_limit(limit)
+        conns = self._user_conns.get(user_id, set())
+        if conn_id not in conns and len(conns) >= limit:
+            return False
+        self._user_conns.setdefault(user_id, conns).add(conn_id)
+        return True
+
+    async def close_connection(self, user_id: str, conn_id: str) -> None:
+        conns = self._user_conns.get(user_id)
+        if conns is None:
+            return
+        conns.discard(conn_id)
+        if not conns:
+            del self._user_conns[user_id]
+
+    async def count(self, room: str) -> int:
+        return len({m.user_id for m in self._rooms.get(room, {}).values()})
 
     async def stats(self) -> dict[str, Any]:
         return {

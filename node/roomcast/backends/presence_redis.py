@@ -44,6 +44,12 @@ race or die between them (the comments at each call say why):
 * A reap ends by deleting the node's lease, after its last room: a node that was judged dead
   but was only paused, and wrote its entries again while being reaped, finds its lease gone on
   its next renewal and writes them once more, after the reap.
+
+Connections per user (the per-user connection limit): one hash per user, conn_id -> node_id, in
+the user's own slot. A reaper does not know a dead node's users, so nobody cleans those entries
+at once: they stop counting as soon as the node is judged dead (its lease lapsed past the
+reapers' margin, or is gone), and the user's next open drops them (lua/open_connection.lua). A
+node that finds its lease gone writes its own entries back, with its presence entries.
 """
 
 from __future__ import annotations
@@ -64,7 +70,14 @@ from redis.retry import Retry
 
 from roomcast import clock
 from roomcast.backends.keys import Keys
-from roomcast.backends.presence import Member, OnUserBack, OnUserLeft, nick_key
+from roomcast.backends.presence import (
+    Member,
+    OnUserBack,
+    OnUserLeft,
+    check_limit,
+    nick_key,
+    nick_owner,
+)
 from roomcast.backends.redis_common import as_str, load_script, unavailable_on_redis_error
 from roomcast.config import Config
 
@@ -110,8 +123,17 @@ def key_ttl(room_ttl: float, lease_ttl: float) -> float:
 #: counts as taken (others are fighting over it).
 NICK_ATTEMPTS = 3
 
+#: Milliseconds a user's connections hash lives past the user's last open or close (each one
+#: refreshes it; nothing else does). A constant: what it bounds is a hash of a user who stopped
+#: connecting. Its cost: a user whose only activity is connections kept open longer than this
+#: loses them from the count when the hash expires, and may then open up to the limit more.
+USER_CONNS_TTL_MS = 24 * 3600 * 1000
+
+#: Users whose connections hash one pipeline writes (re-registration) or cleans (shutdown).
+USER_BATCH = 1000
+
 SCRIPTS = ("presence_add", "presence_remove", "reap_node", "leaves_due", "claim_nick",
-           "claim_due", "leave_index")
+           "claim_due", "leave_index", "open_connection")
 
 #: Connection settings the lease thread's synchronous client takes over from the async client.
 _SYNC_SETTINGS = ("host", "port", "db", "username", "password", "path", "socket_timeout",
@@ -234,25 +256,26 @@ class _LeaseKeeper:
             pipe.execute()
 
 
-class _RoomLocks:
-    """One asyncio lock per room, dropped again when nobody holds or waits for it."""
+class _Locks:
+    """One asyncio lock per name (a room, a user), dropped again when nobody holds or waits for
+    it."""
 
     def __init__(self) -> None:
         self._locks: dict[str, tuple[asyncio.Lock, int]] = {}
 
     @contextlib.asynccontextmanager
-    async def hold(self, room: str) -> AsyncIterator[None]:
-        lock, users = self._locks.get(room, (asyncio.Lock(), 0))
-        self._locks[room] = (lock, users + 1)
+    async def hold(self, name: str) -> AsyncIterator[None]:
+        lock, users = self._locks.get(name, (asyncio.Lock(), 0))
+        self._locks[name] = (lock, users + 1)
         try:
             async with lock:
                 yield
         finally:
-            lock, users = self._locks[room]
+            lock, users = self._locks[name]
             if users == 1:
-                del self._locks[room]
+                del self._locks[name]
             else:
-                self._locks[room] = (lock, users - 1)
+                self._locks[name] = (lock, users - 1)
 
 
 class RedisPresence:
@@ -279,7 +302,17 @@ class RedisPresence:
         self._pending_removals: list[tuple[str, Member, int]] = []
         #: Serializes this node's writes per room: the room's entries and this node's rooms set
         #: change in separate calls, which must not interleave with another add/remove here.
-        self._room_locks = _RoomLocks()
+        self._room_locks = _Locks()
+        #: This node's open connections, user_id -> conn_ids, as counted in the users'
+        #: connections hashes (written back after a lease loss, removed on shutdown).
+        self._user_conns: dict[str, set[str]] = {}
+        #: close_connection calls that failed while Redis was unreachable (and opens whose
+        #: script call failed: it may have counted the connection), retried by the ticker. At
+        #: most one per connection that reached Redis: without Redis an open fails earlier.
+        self._pending_closes: dict[tuple[str, str], None] = {}
+        #: Serializes this node's writes to each user's connections hash, so that a write-back
+        #: cannot land after (and undo) a close of the same user's connection.
+        self._user_locks = _Locks()
         self._on_user_left: OnUserLeft | None = None
         self._on_user_back: OnUserBack | None = None
         self._keeper: _LeaseKeeper | None = None
@@ -335,6 +368,12 @@ class RedisPresence:
             await self._reap(self._node_id, clock.now_ms() + self._grace_ms, force=True)
         except (RedisError, OSError):
             log.warning("could not remove presence entries on shutdown", exc_info=True)
+        # After the reap, which deleted the lease: from then on none of these counts anyway (a
+        # dead node's entries do not), so removing them only spares the users' next opens.
+        try:
+            await self._drop_connections()
+        except (RedisError, OSError):
+            log.warning("could not remove connection counts on shutdown", exc_info=True)
 
     # --- background work ---------------------------------------------------------------------
 
@@ -342,6 +381,7 @@ class RedisPresence:
         while not self._closed:
             try:
                 await self._retry_removals()
+                await self._retry_closes()
                 await self._reregister()
                 if self._may_reap():
                     await self._reap_dead()
@@ -373,6 +413,7 @@ class RedisPresence:
             log.warning("re-registering presence", entries=entries)
         for room in list(self._local):
             await self._rewrite(room)
+        await self._rewrite_connections()
         self._reregistered = losses
 
     async def _rewrite(self, room: str, user_id: str | None = None, report: bool = True
@@ -636,24 +677,131 @@ class RedisPresence:
         return members
 
     @unavailable_on_redis_error
-    async def claim_nick(self, room: str, nick: str, member: Member) -> bool:
+    async def claim_nick(self, room: str, nick: str, member: Member, owner: str = "") -> bool:
         key = nick_key(nick)
-        claimant = f"{self._node_id} {member.conn_id} {member.user_id}"
+        owner = nick_owner(member, owner)
+        # The owner last: it may contain spaces (a user id), node and connection ids do not.
+        claimant = f"{self._node_id} {member.conn_id} {owner}"
         for _ in range(NICK_ATTEMPTS):
             raw = await self._redis.hget(self._keys.nicks(room), key)
             holder = "" if raw is None else as_str(raw)
             if holder and holder != claimant:
-                holder_node, _, holder_user = holder.split(" ", 2)
-                # The same user may take its nick over (a reconnect before the old connection
-                # is gone); another user's only from a dead node. The lease is read in a call
+                holder_node, _, holder_owner = holder.split(" ", 2)
+                # The same owner may take its nick over (a reconnect before the old connection
+                # is gone); another owner's only from a dead node. The lease is read in a call
                 # of its own (another slot); the swap below fails if the holder changed since.
-                if holder_user != member.user_id and await self._lease_alive(holder_node):
+                if holder_owner != owner and await self._lease_alive(holder_node):
                     return False
             if await self._scripts["claim_nick"](
                 keys=[self._keys.nicks(room)], args=[key, claimant, holder, self._key_ttl_ms]
             ):
                 return True
         return False
+
+    @unavailable_on_redis_error
+    async def count(self, room: str) -> int:
+        # A dead node's users count until it is reaped, as in stats().
+        return int(await self._redis.hlen(self._keys.users(room)))
+
+    async def _counted_nodes(self) -> list[str]:
+        """The nodes whose connections count towards a user's limit: this one and every node
+        a reaper would not take for dead (its lease lapsed less than REAP_MARGIN_MS ago: a
+        renewal may be on its way). While this node's own view may be stale (its renewals do
+        not get through, or Redis just stalled and every lease may have lapsed: _may_reap),
+        every node with a lease counts, unless a reaper holds it: the entries dropped for a
+        node that is alive after all would never come back, and its users could then exceed
+        the limit."""
+        floor = clock.now_ms() - REAP_MARGIN_MS if self._may_reap() else 0
+        alive = await self._redis.zrangebyscore(self._keys.nodes(), floor, "+inf")
+        return sorted({as_str(raw) for raw in alive} | {self._node_id})
+
+    @unavailable_on_redis_error
+    async def open_connection(self, user_id: str, conn_id: str, limit: int) -> bool:
+        check_limit(limit)
+        async with self._user_locks.hold(user_id):
+            # Read in a call of its own (the nodes zset is in another slot), as claim_nick
+            # reads a holder's lease. A node judged alive here that dies before the script
+            # runs still counts, this once: the user is refused rather than let past the limit.
+            counted = await self._counted_nodes()
+            try:
+                opened = await self._scripts["open_connection"](
+                    keys=[self._keys.user_connections(user_id)],
+                    args=[conn_id, self._node_id, limit, USER_CONNS_TTL_MS, *counted],
+                )
+            except (RedisError, OSError):
+                # The script may have run and its reply been lost: the caller takes the
+                # connection as not counted and will not close it, so uncount it later.
+                self._pending_closes[(user_id, conn_id)] = None
+                raise
+            if opened:
+                self._user_conns.setdefault(user_id, set()).add(conn_id)
+                self._pending_closes.pop((user_id, conn_id), None)
+        return bool(opened)
+
+    async def close_connection(self, user_id: str, conn_id: str) -> None:
+        """Never fails: while Redis is unreachable the close is queued and retried."""
+        async with self._user_locks.hold(user_id):
+            conns = self._user_conns.get(user_id)
+            if conns is not None:
+                conns.discard(conn_id)
+                if not conns:
+                    del self._user_conns[user_id]
+            try:
+                await self._uncount(user_id, conn_id)
+            except (RedisError, OSError):
+                self._pending_closes[(user_id, conn_id)] = None
+
+    async def _uncount(self, user_id: str, conn_id: str) -> None:
+        """Drop one connection from its user's hash. Under the user's lock."""
+        key = self._keys.user_connections(user_id)
+        async with self._redis.pipeline(transaction=True) as pipe:  # One key: one slot.
+            pipe.hdel(key, conn_id)
+            pipe.pexpire(key, USER_CONNS_TTL_MS)
+            await pipe.execute()
+
+    async def _retry_closes(self) -> None:
+        for user_id, conn_id in list(self._pending_closes):
+            async with self._user_locks.hold(user_id):
+                # Not if an open of the same connection got through meanwhile.
+                if (user_id, conn_id) in self._pending_closes:
+                    await self._uncount(user_id, conn_id)
+                    del self._pending_closes[(user_id, conn_id)]
+
+    async def _rewrite_connections(self) -> None:
+        """Write this node's connections back into their users' hashes, after the lease was
+        found gone: while this node counted as dead, a user's open (or Redis losing its data)
+        may have dropped them. They are written whatever the limit: they are open."""
+        users = sorted(self._user_conns)
+        for start in range(0, len(users), USER_BATCH):
+            batch = users[start : start + USER_BATCH]
+            async with contextlib.AsyncExitStack() as held:
+                # Every user of the batch locked, so that no close of theirs runs before its
+                # connection is written back (it would be counted again for good).
+                for user_id in batch:
+                    await held.enter_async_context(self._user_locks.hold(user_id))
+                async with self._redis.pipeline(transaction=False) as pipe:
+                    for user_id in batch:  # One key per command: a user after another.
+                        conns = self._user_conns.get(user_id)
+                        if conns:
+                            key = self._keys.user_connections(user_id)
+                            pipe.hset(key, mapping=dict.fromkeys(sorted(conns), self._node_id))
+                            pipe.pexpire(key, USER_CONNS_TTL_MS)
+                    await pipe.execute()
+
+    async def _drop_connections(self) -> None:
+        """Remove this node's connections (and the closes still queued) from their users'
+        hashes: a clean shutdown."""
+        conns = {user_id: set(ids) for user_id, ids in self._user_conns.items()}
+        for user_id, conn_id in self._pending_closes:
+            conns.setdefault(user_id, set()).add(conn_id)
+        users = sorted(conns)
+        for start in range(0, len(users), USER_BATCH):
+            async with self._redis.pipeline(transaction=False) as pipe:
+                for user_id in users[start : start + USER_BATCH]:
+                    pipe.hdel(self._keys.user_connections(user_id), *sorted(conns[user_id]))
+                await pipe.execute()
+        self._user_conns.clear()
+        self._pending_closes.clear()
 
     @unavailable_on_redis_error
     async def stats(self) -> dict[str, Any]:
