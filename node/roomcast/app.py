@@ -15,11 +15,12 @@ import signal
 import structlog
 from websockets.asyncio.server import Server, serve
 
-from roomcast import backends, clock
+from roomcast import backends, clock, namespaces
 from roomcast.config import Config
 from roomcast.metrics import Metrics
 from roomcast.protocol import dialects
 from roomcast.protocol.closecodes import CloseCode
+from roomcast.service.auth import Authenticator
 from roomcast.service.rooms import Rooms
 from roomcast.service.service import Service
 from roomcast.transports.drain import close_now, close_paced
@@ -35,17 +36,22 @@ class Node:
     """One roomcast node. ``await node.start()``, then ``await node.run()`` until a signal."""
 
     def __init__(self, config: Config) -> None:
+        """Raises ValueError (one line, naming the flag or file) for a namespaces file that
+        cannot be used."""
         self.config = config
         self.node_id = config.node_id
         self.metrics = Metrics()
         self.writer = FrameWriter()
-        stores = backends.build(config)
+        spaces = namespaces.load(config)
+        stores = backends.build(config, spaces)
         fanout = SessionFanout(self.writer, self.metrics, config.max_send_buffer)
         rooms = Rooms(stores.broker, fanout, self.metrics, config.unsubscribe_linger,
                       dialects.ENCODERS)
-        self.service = Service(config, stores, rooms, self.metrics)
-        self.websocket = WebSocketEndpoint(config, self.service, self.writer, self.metrics)
-        self.http = HttpRoutes(config, self.service, self.metrics, self)
+        self.auth = Authenticator(config)
+        self.service = Service(config, stores, rooms, self.metrics, spaces, self.auth)
+        self.websocket = WebSocketEndpoint(config, self.service, self.writer, self.metrics,
+                                           self.auth)
+        self.http = HttpRoutes(config, self.service, self.metrics, self, self.websocket)
         self.server: Server | None = None
         self.port = 0
         self._accepting = False
@@ -68,6 +74,10 @@ class Node:
     async def start(self) -> None:
         """Connect the backends and start listening; logs 'node started' with the bound port."""
         structlog.contextvars.bind_contextvars(node_id=self.node_id)
+        if self.config.auth == "none":
+            log.warning("--auth none: identities are not verified, any client may name any "
+                        "user_id; use --auth jwt in production")
+        await self.auth.start()
         await self.service.start()
         cfg = self.config
         self.server = await serve(
@@ -167,5 +177,6 @@ class Node:
         except TimeoutError:
             log.warning("backends did not close in time; exiting anyway",
                         seconds=self.config.close_timeout * 2)
+        await self.auth.close()
         log.info("node stopped")
         self._stopped.set()

@@ -66,15 +66,25 @@ def run_node(args: argparse.Namespace) -> int:
     logs.configure(cfg.log_format, cfg.log_level)
     raise_fd_limit()
 
+    problem: list[str] = []
+
     async def serve_node() -> None:
-        node = Node(cfg)
-        await node.start()
+        try:
+            node = Node(cfg)
+            await node.start()
+        except ValueError as exc:
+            # A namespaces file or key file that cannot be used: one line, as for a bad flag.
+            problem.append(str(exc))
+            return
         tune_gc()
         await node.run()
 
     import uvloop
 
     uvloop.run(serve_node())
+    if problem:
+        print(f"roomcast node: {problem[0]}", file=sys.stderr)
+        return 2
     return 0
 
 

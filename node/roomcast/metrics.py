@@ -63,6 +63,22 @@ class Metrics:
             "user_left events about a user connected on this node, not shown to its members "
             "(a peer reaped this node while it was paused)", registry=r,
         )
+        self.typing_dropped = Counter(
+            "roomcast_typing_dropped",
+            "Typing events not relayed: within --typing-interval of the last one relayed for the "
+            "same connection and room, or over the typing frame budget", registry=r,
+        )
+        self.handshakes_refused = Counter(
+            "roomcast_handshakes_refused",
+            "WebSocket handshakes answered with an HTTP error instead of an upgrade, by reason: "
+            "unauthorized, origin, node_full, address_full, handshake_rate, draining, bad_request",
+            ["reason"], registry=r,
+        )
+        self.auth_failures = Counter(
+            "roomcast_auth_failures",
+            "Tokens refused (handshake, connect frame, refresh, room token), by reason: invalid, "
+            "expired, unavailable", ["reason"], registry=r,
+        )
         self.presence_reannounced = Counter(
             "roomcast_presence_reannounced",
             "Users announced again with user_joined after the cluster had counted them gone",

@@ -34,6 +34,7 @@ class Conn:
     identity: Identity
     codec: str = dialects.NATIVE
     rooms: dict[str, str | None] = field(default_factory=dict)
+    room_grants: dict[str, frozenset[str]] = field(default_factory=dict)
     sent: list[dict[str, Any]] = field(default_factory=list)
     closed: tuple[int, str] | None = None
 
@@ -194,7 +195,7 @@ async def test_typing_reaches_the_others_only(node: Node) -> None:
     await node.service.typing(alice, "r")
     assert [m["type"] for m in bob.sent if m["type"] == "typing"] == ["typing"]
     assert not [m for m in alice.sent if m["type"] == "typing"]
-    assert (await node.service.history("r")).offset == 0
+    assert (await node.service.history(alice, "r")).offset == 0
 
 
 async def test_presence_and_user_joined_are_per_user(node: Node) -> None:
@@ -204,7 +205,7 @@ async def test_presence_and_user_joined_are_per_user(node: Node) -> None:
     fresh = [(await node.service.join(tab, "r")).fresh for tab in (tab1, tab2)]
     assert fresh == [True, False]
     assert [m["user_id"] for m in watcher.sent if m["type"] == "user_joined"] == ["carol"]
-    members = await node.service.presence("r")
+    members = await node.service.presence(watcher, "r")
     assert sorted(m.user_id for m in members) == ["carol", "carol", "watcher"]
 
 
@@ -234,7 +235,7 @@ async def test_disconnected_leaves_every_room(node: Node) -> None:
     await node.service.join(conn, "a")
     await node.service.join(conn, "b")
     await node.service.disconnected(conn)
-    assert await node.service.presence("a") == await node.service.presence("b") == []
+    assert await node.service.members("a") == await node.service.members("b") == []
     assert conn.conn_id not in node.service.connections
 
 

@@ -25,7 +25,11 @@ def test_close_codes_have_their_documented_values() -> None:
         "TRY_AGAIN_LATER": 1013,
         "SLOW_CONSUMER": 4000,
         "BACKEND_UNAVAILABLE": 4001,
+        "TOKEN_EXPIRED": 4002,
         "DISCONNECTED": 4500,
+        "UNAUTHORIZED": 4501,
+        "STALE_TOKEN": 4502,
+        "TOO_MANY_CONNECTIONS": 4503,
     }
 
 
@@ -39,7 +43,10 @@ def test_application_codes_sit_in_the_range_that_says_what_to_do() -> None:
     """Transient application codes are in 4000-4499, terminal ones in 4500-4999."""
     assert CloseCode.SLOW_CONSUMER in RECONNECT_RANGE
     assert CloseCode.BACKEND_UNAVAILABLE in RECONNECT_RANGE
-    assert CloseCode.DISCONNECTED in TERMINAL_RANGE
+    assert CloseCode.TOKEN_EXPIRED in RECONNECT_RANGE  # a new token, then reconnect
+    for code in (CloseCode.DISCONNECTED, CloseCode.UNAUTHORIZED, CloseCode.STALE_TOKEN,
+                 CloseCode.TOO_MANY_CONNECTIONS):
+        assert code in TERMINAL_RANGE
 
 
 @pytest.mark.parametrize("code", [1001, 1006, 1011, 1012, 1013, 4000, 4001, 4321, 4499, None])

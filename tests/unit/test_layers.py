@@ -14,7 +14,8 @@ import pytest
 PACKAGE = Path(__file__).resolve().parents[2] / "node" / "roomcast"
 
 #: Modules every layer may use: settings, the clock, metrics and logging set-up.
-FOUNDATION = ("roomcast.config", "roomcast.clock", "roomcast.metrics", "roomcast.logs")
+FOUNDATION = ("roomcast.config", "roomcast.clock", "roomcast.metrics", "roomcast.logs",
+              "roomcast.namespaces")
 #: The backends' seams (interfaces and errors), as opposed to their Redis implementations.
 SEAMS = ("roomcast.backends.broker", "roomcast.backends.history", "roomcast.backends.presence")
 

@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 from roomcast.protocol import envelopes as protocol
 from roomcast.protocol.envelopes import (
     MAX_HISTORY_LIMIT,
+    Connect,
     ErrorCode,
     History,
     Join,
@@ -20,6 +21,7 @@ from roomcast.protocol.envelopes import (
     Presence,
     ProtocolError,
     Publish,
+    Refresh,
     Since,
     Typing,
 )
@@ -275,7 +277,8 @@ def assert_parses_or_protocol_error(frame: str | bytes) -> None:
     except ProtocolError as exc:
         assert exc.code in (ErrorCode.BAD_REQUEST, ErrorCode.UNKNOWN_TYPE)
     else:
-        assert isinstance(request, Join | Leave | Publish | Typing | Ping | Presence | History)
+        assert isinstance(request, Join | Leave | Publish | Typing | Ping | Presence | History
+                          | Connect | Refresh)
 
 
 @FUZZ
@@ -418,7 +421,9 @@ def test_error_codes_have_their_documented_values() -> None:
         "BAD_REQUEST": "bad_request", "UNKNOWN_TYPE": "unknown_type",
         "RATE_LIMITED": "rate_limited", "TOO_MANY_ROOMS": "too_many_rooms",
         "NOT_JOINED": "not_joined", "UNAVAILABLE": "unavailable",
-        "NICK_TAKEN": "nick_taken", "INTERNAL": "internal",
+        "NICK_TAKEN": "nick_taken", "INTERNAL": "internal", "FORBIDDEN": "forbidden",
+        "UNKNOWN_NAMESPACE": "unknown_namespace", "ROOM_FULL": "room_full",
+        "UNAUTHORIZED": "unauthorized", "TOKEN_EXPIRED": "token_expired",
     }
 
 

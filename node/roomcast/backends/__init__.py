@@ -18,6 +18,7 @@ from roomcast.backends.broker import Broker, MemoryBroker
 from roomcast.backends.history import History, MemoryHistory
 from roomcast.backends.presence import MemoryPresence, PresenceStore
 from roomcast.config import Config
+from roomcast.namespaces import Namespaces, default_namespace
 
 
 @dataclass(frozen=True, slots=True)
@@ -27,11 +28,13 @@ class Backends:
     presence: PresenceStore
 
 
-def build(config: Config) -> Backends:
-    """Memory backends for a lone node, Redis ones when ``config.redis_url`` is set."""
+def build(config: Config, namespaces: Namespaces | None = None) -> Backends:
+    """Memory backends for a lone node, Redis ones when ``config.redis_url`` is set; a room's
+    history keeps as many messages for as long as its namespace says."""
+    retention = (namespaces or Namespaces(default_namespace(config))).retention
     if config.redis_url is None:
         history = MemoryHistory(config.history_size, config.history_ttl,
-                                idle_ttl=config.idle_room_ttl)
+                                idle_ttl=config.idle_room_ttl, retention=retention)
         return Backends(
             MemoryBroker(history),
             history,
@@ -54,7 +57,7 @@ def build(config: Config) -> Backends:
     probe = connect(config, retries=0, role="health", pool_size=2)
     return Backends(
         RedisBroker(redis, keys, config, pubsub_client=pubsub, probe_client=probe,
-                    health=health),
+                    health=health, retention=retention),
         RedisHistory(redis, keys, config.idle_room_ttl),
         RedisPresence(redis, keys, config.node_id, config.presence_grace,
                       config.node_lease_ttl, room_ttl=config.idle_room_ttl),

@@ -36,7 +36,7 @@ from roomcast.backends.broker import (
     OnResubscribed,
     Publication,
 )
-from roomcast.backends.history import new_epoch
+from roomcast.backends.history import Retention, new_epoch
 from roomcast.backends.keys import Keys
 from roomcast.backends.redis_common import (
     RedisHealth,
@@ -120,6 +120,7 @@ class RedisBroker:
         pubsub_client: aioredis.Redis | None = None,
         probe_client: aioredis.Redis | None = None,
         health: RedisHealth | None = None,
+        retention: Retention | None = None,
     ) -> None:
         self._redis = redis
         # The reader's own client (see redis_common.connect): a lost pub/sub connection must
@@ -132,8 +133,9 @@ class RedisBroker:
         self._node_id = config.node_id
         #: What this node knows of its Redis (readiness, error counts): backends.health_of.
         self.health = health or RedisHealth()
-        self._history_size = config.history_size
-        self._history_ttl_ms = int(config.history_ttl * 1000)
+        #: Each room's (history size, TTL): its namespace's, else the flags'.
+        self._retention: Retention = retention or (
+            lambda room: (config.history_size, config.history_ttl))
         self._subscribe_timeout = config.redis_timeout
         self._backoff_cap = config.redis_retry_max
         self._publish_script = redis.register_script(load_script("publish"))
@@ -360,11 +362,12 @@ class RedisBroker:
     async def publish(self, room: str, prefix: bytes, origin: str) -> Publication:
         if not self._connected.is_set():
             raise BrokerUnavailable("redis is unavailable")
+        size, ttl = self._retention(room)
         offset, epoch = await self._publish_script(
             keys=[self._keys.meta(room), self._keys.stream(room)],
             args=[
-                self._keys.channel(room), prefix, origin, self._history_size,
-                self._history_ttl_ms, new_epoch(), clock.now_us(),
+                self._keys.channel(room), prefix, origin, size, int(ttl * 1000), new_epoch(),
+                clock.now_us(),
             ],
         )
         epoch = as_str(epoch)

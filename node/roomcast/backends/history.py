@@ -12,11 +12,15 @@ from __future__ import annotations
 
 import collections
 import secrets
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
 from roomcast.clock import Clock, monotonic
 from roomcast.protocol.envelopes import Since, finish_message
+
+#: A room's (history size, history TTL in seconds), from its namespace (namespaces.py).
+Retention = Callable[[str], tuple[int, float]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,10 +104,12 @@ class MemoryHistory:
 
     def __init__(
         self, size: int = 100, ttl: float = 86400.0, clock: Clock = monotonic,
-        idle_ttl: float = 300.0,
+        idle_ttl: float = 300.0, retention: Retention | None = None,
     ) -> None:
         self._size = size
         self._ttl = ttl
+        #: Per-room (size, TTL) (the room's namespace); None: ``size`` and ``ttl`` everywhere.
+        self._retention = retention
         self._idle_ttl = idle_ttl
         self._clock = clock
         self._rooms: dict[str, _Room] = {}
@@ -120,7 +126,8 @@ class MemoryHistory:
         state = self._rooms.get(room)
         if state is None or (state.expires_at is not None and now > state.expires_at):
             # A new room, or one whose history expired: a new epoch tells clients so.
-            state = self._rooms[room] = _Room(self._size, now + self._idle_ttl)
+            size = self._retention(room)[0] if self._retention else self._size
+            state = self._rooms[room] = _Room(size, now + self._idle_ttl)
         elif state.offset == 0:
             state.expires_at = now + self._idle_ttl  # Still read: keep its epoch for a while.
         return state
@@ -137,9 +144,10 @@ class MemoryHistory:
         the finished envelope). What lua/publish.lua does in Redis."""
         state = self._room(room)
         state.offset += 1
-        state.expires_at = self._clock() + self._ttl if self._ttl > 0 else None
+        ttl = self._retention(room)[1] if self._retention else self._ttl
+        state.expires_at = self._clock() + ttl if ttl > 0 else None
         payload = finish_message(prefix, state.offset, state.epoch)
-        if self._size > 0:
+        if state.stored.maxlen:
             state.stored.append((state.offset, payload))
         return state.offset, state.epoch, payload
 

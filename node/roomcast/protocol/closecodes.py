@@ -31,8 +31,14 @@ class CloseCode(enum.IntEnum):
     # --- 4000-4499: transient, reconnect -------------------------------------------------------
     SLOW_CONSUMER = 4000  # More than --max-send-buffer was queued to this client.
     BACKEND_UNAVAILABLE = 4001  # A compatibility client connected while Redis was unreachable.
+    # The token expired and no refresh came within --refresh-grace: get a new token, reconnect.
+    TOKEN_EXPIRED = 4002
     # --- 4500-4999: terminal, do not reconnect ---------------------------------------------------
     DISCONNECTED = 4500  # The server disconnected this user on purpose (a kick).
+    # No token, or one that is forged, malformed, for another audience or of the wrong kind.
+    UNAUTHORIZED = 4501
+    STALE_TOKEN = 4502  # The token had expired when it was presented: get a new one first.
+    TOO_MANY_CONNECTIONS = 4503  # The user holds --max-connections-per-user connections.
 
 
 #: Standard codes after which a client should reconnect (with backoff and jitter) and resume.

@@ -35,6 +35,7 @@ class Codec(Protocol):
     def left(self, room: str, request_id: Any) -> bytes | None: ...
     def published(self, room: str, offset: int, epoch: str, request_id: Any) -> bytes | None: ...
     def pong(self, request_id: Any) -> bytes | None: ...
+    def refresh_required(self, grace_ms: int) -> bytes: ...
 
     def presence(
         self, room: str, members: list[dict[str, Any]], request_id: Any
@@ -68,6 +69,9 @@ class NativeCodec:
 
     def pong(self, request_id: Any) -> bytes:
         return envelopes.pong(request_id)
+
+    def refresh_required(self, grace_ms: int) -> bytes:
+        return envelopes.refresh_required(grace_ms)
 
     def presence(self, room: str, members: list[dict[str, Any]], request_id: Any) -> bytes:
         return envelopes.presence_reply(room, members, request_id)
@@ -112,6 +116,11 @@ class _ChatCodec:
 
     def pong(self, request_id: Any) -> bytes | None:
         return None
+
+    def refresh_required(self, grace_ms: int) -> bytes:
+        """The chat dialects cannot refresh: they are told to reconnect with a new token."""
+        return self.notice(f"your token expired; reconnect with a new one within "
+                           f"{grace_ms // 1000} s")
 
     def presence(self, room: str, members: list[dict[str, Any]], request_id: Any) -> None:
         return None

@@ -17,6 +17,8 @@ import orjson
 ROOM_RE: Final = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
 MAX_ID_LENGTH: Final = 64
 MAX_HISTORY_LIMIT: Final = 1000
+#: The longest token a frame may carry (a JWT with a generous claim set is well under 2 KiB).
+MAX_TOKEN_LENGTH: Final = 8192
 #: The largest ``since.offset``: Redis stream IDs are unsigned 64-bit and the next offset is
 #: asked for, so both backends answer every offset up to 2^63 - 1 alike (recovered: false).
 MAX_OFFSET: Final = 2**63 - 1
@@ -44,6 +46,11 @@ class ErrorCode:
     UNAVAILABLE: Final = "unavailable"
     NICK_TAKEN: Final = "nick_taken"
     INTERNAL: Final = "internal"
+    FORBIDDEN: Final = "forbidden"
+    UNKNOWN_NAMESPACE: Final = "unknown_namespace"
+    ROOM_FULL: Final = "room_full"
+    UNAUTHORIZED: Final = "unauthorized"
+    TOKEN_EXPIRED: Final = "token_expired"
 
 
 class ProtocolError(Exception):
@@ -71,6 +78,24 @@ class Join:
     id: Any = None
     since: Since | None = None
     nick: str | None = None
+    #: A room token (docs/PROTOCOL.md, "Room tokens"): grants this one room.
+    token: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Connect:
+    """The first frame of a client that brought no token in the URL or a header."""
+
+    token: str | None = None
+    id: Any = None
+
+
+@dataclass(frozen=True, slots=True)
+class Refresh:
+    """A new connection token for the same user, before or after refresh_required."""
+
+    token: str
+    id: Any = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,9 +136,10 @@ class History:
     id: Any = None
 
 
-Request = Join | Leave | Publish | Typing | Ping | Presence | History
+Request = Join | Leave | Publish | Typing | Ping | Presence | History | Connect | Refresh
 
-REQUEST_TYPES: Final = ("join", "leave", "publish", "typing", "ping", "presence", "history")
+REQUEST_TYPES: Final = ("join", "leave", "publish", "typing", "ping", "presence", "history",
+                        "connect", "refresh")
 
 
 def valid_room(name: object) -> bool:
@@ -202,6 +228,11 @@ def parse_object(obj: Any) -> Request:
         raise ProtocolError(
             ErrorCode.UNKNOWN_TYPE, f"unknown type {kind[:32]!r}", request_id
         )
+    if kind == "connect":
+        token = obj.get("token")
+        return Connect(None if token is None else _token(token, request_id), request_id)
+    if kind == "refresh":
+        return Refresh(_token(obj.get("token"), request_id), request_id)
     room = obj.get("room")
     if not valid_room(room):
         raise ProtocolError(
@@ -222,8 +253,10 @@ def parse_object(obj: Any) -> Request:
         if nick is not None and not printable(nick.strip()):
             raise ProtocolError(ErrorCode.BAD_REQUEST, f"nick may have {PRINTABLE_RULE}",
                                 request_id)
+        token = obj.get("token")
         return Join(room, request_id, _parse_since(obj.get("since"), request_id),
-                    nick.strip() if nick else None)
+                    nick.strip() if nick else None,
+                    None if token is None else _token(token, request_id))
     if kind == "leave":
         return Leave(room, request_id)
     if kind == "typing":
@@ -240,6 +273,14 @@ def parse_object(obj: Any) -> Request:
             request_id,
         )
     return History(room, limit, _parse_since(obj.get("since"), request_id), request_id)
+
+
+def _token(value: Any, request_id: Any) -> str:
+    if isinstance(value, str) and 0 < len(value) <= MAX_TOKEN_LENGTH:
+        return value
+    raise ProtocolError(ErrorCode.BAD_REQUEST,
+                        f"token must be a string of 1 to {MAX_TOKEN_LENGTH} characters",
+                        request_id)
 
 
 def _parse_since(value: Any, request_id: Any) -> Since | None:
@@ -270,8 +311,20 @@ def _with_id(body: dict[str, Any], request_id: Any) -> bytes:
     return orjson.dumps(body)
 
 
-def welcome(conn_id: str, node_id: str) -> bytes:
-    return orjson.dumps({"type": "welcome", "conn_id": conn_id, "node_id": node_id})
+def welcome(conn_id: str, node_id: str, request_id: Any = None, **identity: Any) -> bytes:
+    """The first envelope of a native connection, once its identity is known (``user_id``,
+    ``username``, ``expires_at`` of its token when it has one; the connect frame's id)."""
+    return _with_id({"type": "welcome", "conn_id": conn_id, "node_id": node_id, **identity},
+                    request_id)
+
+
+def refresh_required(grace_ms: int) -> bytes:
+    """The connection's token expired: send ``refresh`` within ``grace_ms`` or be closed."""
+    return orjson.dumps({"type": "refresh_required", "grace_ms": grace_ms})
+
+
+def refreshed(expires_at: float, request_id: Any = None) -> bytes:
+    return _with_id({"type": "refreshed", "expires_at": int(expires_at)}, request_id)
 
 
 def pong(request_id: Any = None) -> bytes:

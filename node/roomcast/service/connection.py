@@ -9,15 +9,38 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
+
+if TYPE_CHECKING:
+    from roomcast.service.auth import Grant
 
 
 @dataclass(frozen=True, slots=True)
 class Identity:
-    """Who a connection speaks as: the ``from`` of its messages and its presence entries."""
+    """Who a connection speaks as: the ``from`` of its messages and its presence entries.
+
+    With ``--auth jwt`` it comes from a verified token and nothing else; with ``--auth none``
+    from what the client named (``authenticated`` is then True too: there is nothing to check).
+    """
 
     user_id: str
     username: str
+    #: False only for an anonymous connection (--allow-anonymous): join rule "anyone" only.
+    authenticated: bool = True
+    #: The token's public ``info`` claim, shown in presence and user_joined (None: none).
+    info: Any = None
+    #: What the token's ``rooms`` claim grants.
+    grants: tuple[Grant, ...] = ()
+    #: When the token expires, unix seconds (None: no token).
+    expires_at: float | None = None
+    #: True when another connection of the same user may take over this one's nicks (a
+    #: reconnect); False for a connection that has no identity of its own (the tutorial
+    #: dialect with --auth none), whose nick is held for as long as it lives.
+    reclaims: bool = True
+
+    def nick_owner(self, conn_id: str) -> str:
+        """Who may take over a nick this connection holds: its user, or only itself."""
+        return f"user:{self.user_id}" if self.reclaims else f"conn:{conn_id}"
 
 
 class Connection(Protocol):
@@ -30,6 +53,8 @@ class Connection(Protocol):
     codec: str
     #: Rooms it is in -> the nick it holds there (None when it asked for none).
     rooms: dict[str, str | None]
+    #: Rooms a room token granted it -> the actions granted (kept for the connection's life).
+    room_grants: dict[str, frozenset[str]]
 
     def send(self, payload: bytes) -> None:
         """Queue one envelope to the client, after everything queued before it. Never blocks;

@@ -31,6 +31,8 @@ class Verdict:
     retry_after_ms: int = 0
     #: Refused, and the ``flood_after``-th refusal in a row or later: close the connection.
     flood: bool = False
+    #: Refused, but to be dropped without an error (a typing frame over its own budget).
+    quiet: bool = False
 
 
 ALLOWED: Final = Verdict(True)

@@ -16,33 +16,42 @@ no leave, do not see that user_joined either (``_presence_event``).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 import structlog
 
 from roomcast import clock
 from roomcast.backends import Backends
-from roomcast.backends.broker import Publication
+from roomcast.backends.broker import BrokerUnavailable, Publication
 from roomcast.backends.history import HistoryResult
-from roomcast.backends.presence import Member
+from roomcast.backends.presence import Member, nick_key
 from roomcast.config import Config
 from roomcast.metrics import Metrics
+from roomcast.namespaces import Namespace, Namespaces, default_namespace
 from roomcast.protocol import envelopes
 from roomcast.protocol.closecodes import CloseCode
 from roomcast.protocol.dialects import clean_nick
 from roomcast.protocol.envelopes import ErrorCode, ProtocolError, Since
 from roomcast.service import recovery
 from roomcast.service.connection import Connection
+from roomcast.service.permissions import Permissions
 from roomcast.service.rooms import Room, Rooms
+
+if TYPE_CHECKING:
+    from roomcast.service.auth import Authenticator
 
 log = structlog.get_logger("roomcast.service")
 
 #: How every user_joined/user_left envelope begins (protocol.envelopes.event), to pick them out
 #: of the ephemeral events without decoding the others (typing).
 _USER_EVENT = b'{"type":"user_'
+#: The tutorial's own sender name: no client may hold it as a nick (a message from "server"
+#: would pass for the server's).
+RESERVED_NICKS = frozenset({"server"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,8 +66,15 @@ class Joined:
 
 
 class Service:
-    def __init__(self, config: Config, backends: Backends, rooms: Rooms, metrics: Metrics) -> None:
+    def __init__(
+        self, config: Config, backends: Backends, rooms: Rooms, metrics: Metrics,
+        namespaces: Namespaces | None = None, auth: Authenticator | None = None,
+    ) -> None:
         self.config = config
+        self.namespaces = namespaces or Namespaces(default_namespace(config))
+        self.permissions = Permissions(self.namespaces)
+        #: Verifies room tokens; None: none are accepted (no keys configured).
+        self.auth = auth
         self.node_id = config.node_id
         self.broker = backends.broker
         self.history_store = backends.history
@@ -76,6 +92,10 @@ class Service:
         #: The origin of those announcements, so that this node knows its own.
         self._rejoin_origin = f"rejoin:{self.node_id}"
         self._tasks: set[asyncio.Task[None]] = set()
+        #: Connections counted towards their user's cluster-wide limit (to uncount them).
+        self._counted: set[str] = set()
+        #: (conn_id, room) -> when a typing event of it was last relayed (--typing-interval).
+        self._typed: dict[tuple[str, str], float] = {}
         rooms.on_gap = self._gap
 
     # --- lifecycle ---------------------------------------------------------------------------
@@ -186,6 +206,28 @@ class Service:
         self.connections[conn.conn_id] = conn
         self.presence_store.set_connection_count(len(self.connections))
 
+    async def count_user(self, conn: Connection) -> bool:
+        """Count ``conn`` towards its user's connections across the cluster; False when the
+        user already holds --max-connections-per-user (the transport refuses it, 4503).
+
+        Anonymous connections are not counted (each is a user of its own). While Redis is
+        unreachable the limit is not enforced: connecting stays possible, as it is for a
+        node without the limit, and the outage is logged.
+        """
+        limit = self.config.max_connections_per_user
+        who = conn.identity
+        if not limit or not who.authenticated or not who.reclaims:
+            return True  # No identity of its own (anonymous, the tutorial): nothing to count.
+        try:
+            admitted = await self.presence_store.open_connection(
+                conn.identity.user_id, conn.conn_id, limit)
+        except BrokerUnavailable:
+            log.warning("per-user connection limit not checked: backend unavailable")
+            return True
+        if admitted:
+            self._counted.add(conn.conn_id)
+        return admitted
+
     async def disconnected(self, conn: Connection) -> None:
         """The connection is gone: leave every room it was in (presence, nicks, subscriptions)."""
         self.connections.pop(conn.conn_id, None)
@@ -195,6 +237,9 @@ class Service:
                 await self._leave(conn, room)
             except Exception:
                 log.warning("presence cleanup failed", room=room, exc_info=True)
+        if conn.conn_id in self._counted:
+            self._counted.discard(conn.conn_id)
+            await self.presence_store.close_connection(conn.identity.user_id, conn.conn_id)
 
     def disconnect_user(self, user_id: str, code: int = CloseCode.DISCONNECTED,
                         reason: str = "disconnected") -> int:
@@ -210,7 +255,12 @@ class Service:
 
     def _member(self, conn: Connection, nick: str | None = None) -> Member:
         who = conn.identity
-        return Member(who.user_id, who.username, self.node_id, conn.conn_id, clock.now_ms(), nick)
+        return Member(who.user_id, who.username, self.node_id, conn.conn_id, clock.now_ms(), nick,
+                      who.info)
+
+    def namespace(self, room: str) -> Namespace:
+        """The room's namespace (ProtocolError unknown_namespace)."""
+        return self.permissions.namespace(room)
 
     async def join(
         self,
@@ -221,40 +271,52 @@ class Service:
         since: Since | None = None,
         with_position: bool = True,
         reply: Callable[[Joined], None] | None = None,
+        token: str | None = None,
     ) -> Joined:
-        """Join ``conn`` to ``room``; ``nick`` reserves a room-unique nickname.
+        """Join ``conn`` to ``room``; ``nick`` reserves a room-unique nickname; ``token`` is a
+        room token granting the room (permissions.py).
 
         With ``with_position`` (native clients) the room's position is read and, with
         ``since``, the missed messages replayed: ``reply`` is called with the outcome just
-        before the replay, so that the transport's answer precedes it (recovery.py). Raises
-        ProtocolError too_many_rooms / nick_taken, or BrokerUnavailable; nothing stays joined
-        after a failure.
+        before the replay, so that the transport's answer precedes it (recovery.py). In a
+        namespace with recovery off, ``since`` is not served: the reply says recovered false.
+        Raises ProtocolError unknown_namespace / forbidden / unauthorized / token_expired /
+        room_full / too_many_rooms / nick_taken, or BrokerUnavailable; nothing stays joined
+        after a failure, and a refused connection learns nothing of the room.
         """
         if room in conn.rooms:
             joined = Joined(room, already=True)
             if reply is not None:
                 reply(joined)
             return joined
+        if token is not None:
+            await self._grant_room(conn, room, token)
+        ns = self.permissions.check(conn, room, "join")
         limit = self.config.max_rooms_per_connection
         if len(conn.rooms) >= limit:
             raise ProtocolError(ErrorCode.TOO_MANY_ROOMS, f"at most {limit} rooms per connection")
+        if ns.max_members:
+            await self._check_room_size(conn, room, ns.max_members)
         if nick is not None:
             nick = clean_nick(nick, self.config.max_nick_length) or None
-        if nick is not None and not await self.presence_store.claim_nick(
-            room, nick, self._member(conn, nick)
-        ):
-            raise ProtocolError(ErrorCode.NICK_TAKEN, "that nick is in use in this room")
+        if nick is not None:
+            await self._claim_nick(conn, room, nick, ns)
         conn.rooms[room] = nick
         self._count_local(room, conn.identity.user_id, 1)
         fresh = False
 
         async def enter() -> None:
             nonlocal fresh
-            fresh = await self._enter(conn, room, nick)
+            fresh = await self._enter(conn, room, nick, ns)
 
+        unrecovered = since is not None and not ns.recovery
+        if unrecovered:
+            since = None  # Recovery is off here: say so (recovered false), replay nothing.
         try:
             if with_position:
                 def answer(result: HistoryResult) -> None:
+                    if unrecovered:
+                        result = dataclasses.replace(result, recovered=False)
                     if reply is not None:
                         reply(Joined(room, fresh, result))
 
@@ -271,17 +333,58 @@ class Service:
             reply(joined)
         return joined
 
-    async def _enter(self, conn: Connection, room: str, nick: str | None) -> bool:
-        """Record presence and announce a newly present user; True when the user is new."""
+    async def _grant_room(self, conn: Connection, room: str, token: str) -> None:
+        """Verify a room token for ``conn`` and ``room`` and remember what it grants."""
+        if self.auth is None or not self.auth.enabled:
+            raise ProtocolError(ErrorCode.UNAUTHORIZED, "room tokens need --auth jwt")
+        from roomcast.service.auth import TokenError
+
+        try:
+            claims = await self.auth.room(token, conn.identity.user_id, room)
+        except TokenError as exc:
+            if exc.reason == "unavailable":
+                raise BrokerUnavailable(exc.message) from None
+            code = ErrorCode.TOKEN_EXPIRED if exc.reason == "expired" else ErrorCode.UNAUTHORIZED
+            raise ProtocolError(code, exc.message) from None
+        conn.room_grants[room] = claims.actions
+
+    async def _check_room_size(self, conn: Connection, room: str, limit: int) -> None:
+        """ProtocolError room_full when ``limit`` other users are in the room. A user already
+        present (another tab) always gets in. Two users joining at once on two nodes may both
+        pass: the limit is exact per node, approximate across them."""
+        if await self.presence_store.count(room) < limit:
+            return
+        user_id = conn.identity.user_id
+        if (room, user_id) in self._local_users or any(
+                m.user_id == user_id for m in await self.presence_store.members(room)):
+            return
+        raise ProtocolError(ErrorCode.ROOM_FULL, f"the room has its {limit} members")
+
+    async def _claim_nick(self, conn: Connection, room: str, nick: str, ns: Namespace) -> None:
+        if not ns.presence:
+            raise ProtocolError(ErrorCode.BAD_REQUEST, "nicks need presence, which is off in "
+                                "this room's namespace")
+        if nick_key(nick) in RESERVED_NICKS:
+            raise ProtocolError(ErrorCode.NICK_TAKEN, f"the nick {nick!r} is reserved")
+        owner = conn.identity.nick_owner(conn.conn_id)
+        if not await self.presence_store.claim_nick(room, nick, self._member(conn, nick),
+                                                    owner=owner):
+            raise ProtocolError(ErrorCode.NICK_TAKEN, "that nick is in use in this room")
+
+    async def _enter(self, conn: Connection, room: str, nick: str | None, ns: Namespace) -> bool:
+        """Record presence and announce a newly present user; True when the user is new. In a
+        namespace with presence off nothing is written; with join_leave off nothing is said."""
+        if not ns.presence:
+            return False
         fresh = await self.presence_store.add(room, self._member(conn, nick))
-        if fresh:
+        if fresh and ns.join_leave:
             who = conn.identity
+            fields: dict[str, Any] = {"user_id": who.user_id, "username": who.username,
+                                      "ts": clock.now_ms()}
+            if who.info is not None:
+                fields["info"] = who.info
             await self.broker.publish_event(
-                room,
-                envelopes.event("user_joined", room, user_id=who.user_id,
-                                username=who.username, ts=clock.now_ms()),
-                origin=conn.conn_id,
-            )
+                room, envelopes.event("user_joined", room, **fields), origin=conn.conn_id)
         return fresh
 
     async def leave(self, conn: Connection, room: str) -> None:
@@ -294,11 +397,18 @@ class Service:
         if room in conn.rooms:
             self._count_local(room, conn.identity.user_id, -1)
         nick = conn.rooms.pop(room, None)
+        self._typed.pop((conn.conn_id, room), None)
         self.rooms.leave(room, conn)
-        await self.presence_store.remove(room, self._member(conn, nick))
+        ns = self.namespaces.resolve(room)
+        if ns is None or ns.presence:
+            await self.presence_store.remove(room, self._member(conn, nick))
 
     async def user_left(self, room: str, user_id: str, username: str) -> None:
-        """Presence decided the user is gone: tell the room on every node."""
+        """Presence decided the user is gone: tell the room on every node (unless its
+        namespace has join/leave events off)."""
+        ns = self.namespaces.resolve(room)
+        if ns is not None and not ns.join_leave:
+            return
         try:
             await self.broker.publish_event(
                 room, envelopes.event("user_left", room, user_id=user_id, username=username,
@@ -309,7 +419,9 @@ class Service:
     # --- messages ----------------------------------------------------------------------------
 
     async def publish(self, conn: Connection, room: str, data: Any) -> Publication:
-        """Store and publish ``data`` from ``conn``'s identity; returns it with its offset."""
+        """Store and publish ``data`` from ``conn``'s identity; returns it with its offset.
+        Raises ProtocolError forbidden / unknown_namespace where ``conn`` may not publish."""
+        self.permissions.check(conn, room, "publish")
         who = conn.identity
         prefix = envelopes.message_prefix(
             room, data, envelopes.sender(who.user_id, who.username), clock.now_ms())
@@ -318,7 +430,17 @@ class Service:
         return publication
 
     async def typing(self, conn: Connection, room: str) -> None:
-        """Tell the room's other members that ``conn``'s user is typing (not stored)."""
+        """Tell the room's other members that ``conn``'s user is typing (not stored), at most
+        once per --typing-interval per connection and room: the others are dropped, silently
+        (a browser sends one per keystroke). Needs the right to publish."""
+        self.permissions.check(conn, room, "publish")
+        key = (conn.conn_id, room)
+        now = clock.monotonic()
+        last = self._typed.get(key)
+        if last is not None and now - last < self.config.typing_interval:
+            self.metrics.typing_dropped.inc()
+            return
+        self._typed[key] = now
         who = conn.identity
         await self.broker.publish_event(
             room,
@@ -327,13 +449,34 @@ class Service:
             origin=conn.conn_id,
         )
 
-    async def presence(self, room: str) -> list[Member]:
-        """Every connection in the room, cluster-wide, oldest first."""
+    async def presence(self, conn: Connection, room: str) -> list[Member]:
+        """Every connection in the room, cluster-wide, oldest first; ProtocolError forbidden
+        where ``conn`` may not see it."""
+        self.permissions.check(conn, room, "presence")
         return await self.presence_store.members(room)
 
+    async def members(self, room: str) -> list[Member]:
+        """The room's presence for a client that has just joined it (the chat dialects'
+        welcome): empty where the namespace has presence off."""
+        ns = self.namespaces.resolve(room)
+        if ns is not None and not ns.presence:
+            return []
+        return await self.presence_store.members(room)
+
+    def public_presence(self, room: str) -> bool:
+        """True when the room's presence may be shown to anyone, without a connection (the
+        client port's REST endpoint): presence is on and its namespace lets anyone join, or
+        --auth none, where every connection counts as authenticated anyway."""
+        ns = self.namespaces.resolve(room)
+        if ns is None or not ns.presence:
+            return False
+        return ns.join == "anyone" or (self.config.auth == "none" and ns.join != "granted")
+
     async def history(
-        self, room: str, since: Since | None = None, limit: int | None = None
+        self, conn: Connection, room: str, since: Since | None = None, limit: int | None = None
     ) -> HistoryResult:
+        """The room's stored messages; ProtocolError forbidden where ``conn`` may not read."""
+        self.permissions.check(conn, room, "history")
         return await self.history_store.read(room, since, limit)
 
     def positions(self, conn: Connection) -> dict[str, dict[str, Any]]:

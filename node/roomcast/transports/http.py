@@ -2,8 +2,8 @@
 
 Routes: ``/`` (test page; the tutorial dialect's WebSocket when it is an upgrade), ``/healthz``,
 ``/readyz``, ``/metrics``, ``/api/stats``, ``/api/rooms/{room}/members``, and ``/admin/drain``.
-WebSocket upgrades are accepted only on ``/``, ``/ws`` and ``/ws/chat/{room}``, and on the last
-two only with a printable ``user_id`` and ``username`` (else 400 with a one-line reason).
+WebSocket upgrades go through ``WebSocketEndpoint.handshake`` (transports/handshake.py lists
+every refusal and its status).
 """
 
 from __future__ import annotations
@@ -23,21 +23,29 @@ from roomcast.backends.broker import BrokerUnavailable
 from roomcast.config import Config
 from roomcast.metrics import Metrics
 from roomcast.protocol import envelopes
-from roomcast.protocol.envelopes import ProtocolError
 from roomcast.service.service import Service
-from roomcast.transports.websocket import is_websocket_route, query_identity, uses_query_identity
+from roomcast.transports.handshake import Refusal
+from roomcast.transports.websocket import WebSocketEndpoint
 
 REASONS = {200: "OK", 202: "Accepted", 400: "Bad Request", 401: "Unauthorized",
-           404: "Not Found", 405: "Method Not Allowed", 503: "Service Unavailable"}
+           403: "Forbidden", 404: "Not Found", 405: "Method Not Allowed",
+           429: "Too Many Requests", 503: "Service Unavailable"}
 
 
-def response(status: int, body: bytes, content_type: str) -> Response:
+def response(status: int, body: bytes, content_type: str,
+             extra: tuple[tuple[str, str], ...] = ()) -> Response:
     headers = Headers([
         ("Content-Type", content_type),
         ("Content-Length", str(len(body))),
         ("Cache-Control", "no-store"),
+        *extra,
     ])
     return Response(status, REASONS.get(status, "OK"), headers, body)
+
+
+def refusal_response(refusal: Refusal) -> Response:
+    return response(refusal.status, refusal.text.encode() + b"\n", "text/plain; charset=utf-8",
+                    refusal.headers)
 
 
 def json_response(status: int, value: Any) -> Response:
@@ -74,9 +82,11 @@ class BackendHealth(Protocol):
 
 class HttpRoutes:
     def __init__(
-        self, config: Config, service: Service, metrics: Metrics, lifecycle: Lifecycle
+        self, config: Config, service: Service, metrics: Metrics, lifecycle: Lifecycle,
+        websocket: WebSocketEndpoint,
     ) -> None:
         self.config = config
+        self.websocket = websocket
         self.service = service
         self.metrics = metrics
         self.lifecycle = lifecycle
@@ -93,25 +103,16 @@ class HttpRoutes:
     ) -> Response | None:
         """Answer plain HTTP; return None to let a WebSocket handshake proceed."""
         try:
+            if request.headers.get("Upgrade", "").lower() == "websocket":
+                refusal = await self.websocket.handshake(connection, request,
+                                                         self.lifecycle.accepting)
+                return None if refusal is None else refusal_response(refusal)
             return await self.route(request)
         except BrokerUnavailable:
             return json_response(503, {"error": "the cluster backend is unavailable"})
 
     async def route(self, request: Request) -> Response | None:
         path = urlsplit(request.path).path
-        upgrade = request.headers.get("Upgrade", "").lower() == "websocket"
-        if upgrade:
-            if not is_websocket_route(path):
-                return text_response(404, "no WebSocket endpoint at this path")
-            if uses_query_identity(path):
-                try:
-                    query_identity(request.path)
-                except ProtocolError as exc:
-                    return text_response(400, exc.message)
-            if not self.lifecycle.accepting:
-                # A draining node sends handshakes elsewhere: 503 makes nginx try the next one.
-                return text_response(503, "node is draining; connect to another node")
-            return None
         method = request.method if hasattr(request, "method") else "GET"
         if path.startswith("/admin/"):
             return await self.admin(request, method, path)
@@ -132,7 +133,10 @@ class HttpRoutes:
             room = path[len("/api/rooms/"):-len("/members")]
             if not envelopes.valid_room(room):
                 return json_response(404, {"error": "invalid room name"})
-            members = await self.service.presence(room)
+            if not self.service.public_presence(room):
+                # Only rooms anyone may join show who is in them here (docs/PROTOCOL.md).
+                return json_response(403, {"error": "this room's presence is not public"})
+            members = await self.service.members(room)
             return json_response(200, {
                 "room": room,
                 "members": [m.to_dict() for m in members],

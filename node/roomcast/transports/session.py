@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import secrets
 from dataclasses import dataclass, field
+from typing import Any
 
 import structlog
 from websockets.asyncio.server import ServerConnection
@@ -38,6 +39,17 @@ class Session:
     peer: str = ""
     #: Set once the client fell behind by more than --max-send-buffer and is being closed.
     slow: bool = False
+    #: room -> actions a room token granted there (service/permissions.py).
+    room_grants: dict[str, frozenset[str]] = field(default_factory=dict)
+    #: The id of the connect frame, echoed by the welcome that answers it.
+    welcome_id: Any = None
+    #: The pending step of the token expiry watch (refresh_required, then the close).
+    expiry: asyncio.TimerHandle | None = None
+
+    def stop_expiry(self) -> None:
+        if self.expiry is not None:
+            self.expiry.cancel()
+            self.expiry = None
 
     def send(self, payload: bytes) -> None:
         """Write one envelope now, after the fan-out still pending for this client.

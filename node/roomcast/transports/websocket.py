@@ -20,14 +20,18 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import dataclasses
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, ClassVar
 from urllib.parse import parse_qs, urlsplit
 
+import orjson
 import structlog
 from websockets.asyncio.server import ServerConnection
+from websockets.datastructures import Headers
 from websockets.exceptions import ConnectionClosed
 from websockets.frames import Frame, Opcode
+from websockets.http11 import Request as HttpRequest
 
 from roomcast import clock
 from roomcast.backends.broker import BrokerUnavailable
@@ -44,9 +48,11 @@ from roomcast.protocol.codecs import (
     TutorialCodec,
 )
 from roomcast.protocol.envelopes import ErrorCode, ProtocolError, Request
+from roomcast.service.auth import Authenticator, Claims, TokenError
 from roomcast.service.connection import Identity
 from roomcast.service.ratelimit import TokenBucket, Verdict
 from roomcast.service.service import Joined, Service
+from roomcast.transports.handshake import Gatekeeper, Refusal, bearer_token
 from roomcast.transports.session import Session, new_conn_id
 from roomcast.transports.writer import FrameWriter, SendBudget
 
@@ -83,14 +89,14 @@ def query_identity(target: str) -> tuple[str, str]:
     return values[0], values[1]
 
 
-def client_address(ws: ServerConnection, trusted: tuple[str, ...]) -> str:
+def client_address(ws: ServerConnection, headers: Headers, trusted: tuple[str, ...]) -> str:
     """The client's address: the peer, unless the peer is a trusted proxy, in which case
     X-Forwarded-For is walked from the right past every trusted proxy (CDN -> nginx -> node);
     anything left of the first untrusted hop may be forged and is ignored."""
     address = str(ws.remote_address[0]) if ws.remote_address else ""
-    if address not in trusted or ws.request is None:
+    if address not in trusted:
         return address
-    hops = [h.strip() for h in ws.request.headers.get("X-Forwarded-For", "").split(",")]
+    hops = [h.strip() for h in headers.get("X-Forwarded-For", "").split(",")]
     for hop in reversed([h for h in hops if h]):
         address = hop
         if hop not in trusted:
@@ -122,6 +128,24 @@ READ_SLICE = 8192
 #: Seconds a flooder's connection stays after its 1008 close frame was sent. A constant, not
 #: --close-timeout: the node stopped reading it, so no closing handshake can complete.
 FLOOD_CLOSE_TIMEOUT = 0.5
+#: The longest frame looked at for being a typing event (``{"type":"typing","room":...}`` with
+#: a 64-character room and an id is well under it).
+TYPING_PEEK = 192
+#: Typing frames have a budget of their own (a browser sends one per keystroke) whose refusals
+#: are dropped silently; only this many times more refusals in a row than --flood-close-after
+#: close the connection, which no typist reaches.
+TYPING_FLOOD_FACTOR = 10
+
+
+def is_typing(data: bytes | bytearray | memoryview) -> bool:
+    """True for a small text frame that is a JSON object of type typing (native, FastAPI)."""
+    if len(data) > TYPING_PEEK or b"typing" not in data:
+        return False
+    try:
+        obj = orjson.loads(data)
+    except orjson.JSONDecodeError:
+        return False
+    return isinstance(obj, dict) and obj.get("type") == "typing"
 
 
 class AdmittedConnection(ServerConnection):
@@ -149,6 +173,14 @@ class AdmittedConnection(ServerConnection):
         config = self.endpoint.config
         self.limiter = TokenBucket(config.rate_limit, config.rate_burst,
                                    flood_after=config.flood_close_after)
+        #: The typing frames' own budget (TYPING_FLOOD_FACTOR).
+        self.typing_limiter = TokenBucket(
+            config.rate_limit, config.rate_burst,
+            flood_after=config.flood_close_after * TYPING_FLOOD_FACTOR)
+        #: The verified token of the handshake (URL or header), if any.
+        self.claims: Claims | None = None
+        #: The client address the handshake was counted under (Gatekeeper), once admitted.
+        self.address: str | None = None
         #: One verdict per message received and not yet consumed, oldest first.
         self.verdicts: collections.deque[Verdict] = collections.deque()
         #: Set once the connection was closed for flooding: it is not read any more.
@@ -176,6 +208,12 @@ class AdmittedConnection(ServerConnection):
 
         assembler.pause, assembler.resume = paused, resumed
 
+    def connection_lost(self, exc: Exception | None) -> None:
+        super().connection_lost(exc)
+        if self.address is not None:
+            self.endpoint.gate.release(self.address)
+            self.address = None
+
     def data_received(self, data: bytes) -> None:
         if self.flooded:
             return  # Nothing a flooder sends after its flood close is looked at.
@@ -192,7 +230,11 @@ class AdmittedConnection(ServerConnection):
             opcode = event.opcode
             # Every data message gets its verdict, even after a flood close: the loop takes
             # one per message it receives.
-            if opcode in _DATA_START:
+            if opcode is Opcode.TEXT and event.fin and is_typing(event.data):
+                verdict = self.typing_limiter.charge()
+                self.verdicts.append(verdict if verdict.allowed else dataclasses.replace(
+                    verdict, quiet=True))
+            elif opcode in _DATA_START:
                 self.verdicts.append(self.limiter.charge())
             elif opcode is Opcode.CONT:
                 verdict = self.limiter.charge()
@@ -240,12 +282,16 @@ class WebSocketEndpoint:
     """``handle`` is the websockets connection handler of the node's client port."""
 
     def __init__(
-        self, config: Config, service: Service, writer: FrameWriter, metrics: Metrics
+        self, config: Config, service: Service, writer: FrameWriter, metrics: Metrics,
+        auth: Authenticator | None = None,
     ) -> None:
         self.config = config
         self.service = service
         self.writer = writer
         self.metrics = metrics
+        self.auth = auth or Authenticator(config)
+        #: The handshake checks and the connection counts they keep.
+        self.gate = Gatekeeper(config, self.auth, metrics)
         #: The slow-consumer policy of single-client writes (fan-out has its own instance).
         self.budget = SendBudget(metrics, config.max_send_buffer)
 
@@ -255,6 +301,163 @@ class WebSocketEndpoint:
         NodeConnection.endpoint = self
         #: ``serve(create_connection=...)``: connections charged to this endpoint's limits.
         self.connection_class: type[AdmittedConnection] = NodeConnection
+
+    # --- the handshake -----------------------------------------------------------------------
+
+    async def handshake(
+        self, ws: ServerConnection, request: HttpRequest, accepting: bool
+    ) -> Refusal | None:
+        """Every check of an upgrade request (transports/handshake.py), in order: route,
+        drain, origin, node and address limits, handshake rate, the query identity (--auth
+        none) or the token (--auth jwt). None: upgrade; the connection is then counted and
+        carries its verified claims."""
+        assert isinstance(ws, AdmittedConnection)
+        gate = self.gate
+        path = urlsplit(request.path).path
+        if not is_websocket_route(path):
+            return Refusal(404, "no WebSocket endpoint at this path", "not_found")
+        if not accepting:
+            # A draining node sends handshakes elsewhere: 503 makes nginx try the next one.
+            return gate.refuse(Refusal(503, "node is draining; connect to another node",
+                                       "draining"))
+        refusal = gate.check_origin(request.headers)
+        address = client_address(ws, request.headers, self.config.trusted_proxies)
+        refusal = refusal or gate.check_capacity(address)
+        if refusal is not None:
+            return refusal
+        claims: Claims | None = None
+        if self.config.auth == "none":
+            if uses_query_identity(path):
+                try:
+                    query_identity(request.path)
+                except ProtocolError as exc:
+                    return gate.refuse(Refusal(400, exc.message, "bad_request"))
+        else:
+            # Native clients may bring the token in their first frame instead (browsers cannot
+            # set headers on a WebSocket); the chat dialects only in the URL or a header.
+            required = path != "/ws" and not self.config.allow_anonymous
+            verified = await gate.verify(bearer_token(request.headers, request.path), required)
+            if isinstance(verified, Refusal):
+                return verified
+            claims = verified
+        ws.claims = claims
+        ws.address = address
+        gate.admit(address)
+        return None
+
+    def identity(self, ws: AdmittedConnection, conn_id: str, path: str) -> Identity | None:
+        """Who a new connection is, from its handshake; None for a native one that must still
+        send its connect frame (--auth jwt, no token in the URL or a header)."""
+        if self.config.auth == "none":
+            user_id, username = query_identity(ws.request.path) if (
+                ws.request is not None and uses_query_identity(path)) else ("", "")
+            user_id = user_id or f"anon-{conn_id[:8]}"
+            return Identity(user_id, username or user_id)
+        if ws.claims is not None:
+            return identity_of(ws.claims)
+        if path == "/ws":
+            return None
+        return anonymous(conn_id)
+
+    async def _authenticate(self, session: Session, codec: Codec) -> bool:
+        """A native client with no token at the handshake: its first frame, within
+        --auth-timeout, must be ``connect`` with a token (or, with --allow-anonymous, without
+        one). Answers ``welcome``; otherwise an error and a close (4501, 4502, or 1013 when the
+        keys cannot be had)."""
+        ws = session.ws
+        assert isinstance(ws, AdmittedConnection)
+        try:
+            frame = await asyncio.wait_for(ws.recv(), self.config.auth_timeout)
+        except TimeoutError:
+            return await self._refuse_token(session, codec, TokenError(
+                "invalid", f"send a connect frame within {self.config.auth_timeout:g} s"))
+        ws.verdicts.popleft()  # The first frame: the bucket is full, it is always allowed.
+        request: Request | None = None
+        try:
+            request = codec.decode(frame)
+            rid = request.id
+        except ProtocolError as exc:
+            rid = exc.request_id
+        if not isinstance(request, envelopes.Connect):
+            return await self._refuse_token(session, codec, TokenError(
+                "invalid", 'the first frame must be {"type": "connect", "token": "..."}'), rid)
+        if request.token is None:
+            if not self.config.allow_anonymous:
+                return await self._refuse_token(session, codec, TokenError(
+                    "invalid", "a token is required"), rid)
+            session.identity = anonymous(session.conn_id)
+        else:
+            try:
+                session.identity = identity_of(await self.auth.connection(request.token))
+            except TokenError as exc:
+                self.metrics.auth_failures.labels(reason=exc.reason).inc()
+                return await self._refuse_token(session, codec, exc, rid)
+        session.welcome_id = rid
+        structlog.contextvars.bind_contextvars(user_id=session.identity.user_id)
+        return True
+
+    async def _refuse_token(self, session: Session, codec: Codec, exc: TokenError,
+                            rid: Any = None) -> bool:
+        """Say why the token was refused, then close: 4502 for an expired one, 1013 when it
+        could not be checked, 4501 otherwise. Returns False (the connection is over)."""
+        code, close = {
+            "expired": (ErrorCode.TOKEN_EXPIRED, CloseCode.STALE_TOKEN),
+            "unavailable": (ErrorCode.UNAVAILABLE, CloseCode.TRY_AGAIN_LATER),
+        }.get(exc.reason, (ErrorCode.UNAUTHORIZED, CloseCode.UNAUTHORIZED))
+        self.metrics.errors.labels(code=code).inc()
+        session.send(codec.error(code, exc.message, rid))
+        await session.ws.close(close, exc.reason if exc.reason != "invalid" else "unauthorized")
+        return False
+
+    async def _count_user(self, session: Session, codec: Codec) -> bool:
+        """The per-user limit across the cluster (--max-connections-per-user): past it, an
+        error and close 4503."""
+        if await self.service.count_user(session):
+            return True
+        limit = self.config.max_connections_per_user
+        message = f"this user already has {limit} connections"
+        self.metrics.errors.labels(code=ErrorCode.FORBIDDEN).inc()
+        session.send(codec.error(ErrorCode.FORBIDDEN, message, session.welcome_id))
+        await session.ws.close(CloseCode.TOO_MANY_CONNECTIONS, "too many connections")
+        return False
+
+    def _watch_expiry(self, session: Session, codec: Codec) -> None:
+        """At the token's exp: ``refresh_required``; --refresh-grace later, without a refresh
+        in between, close 4002 (reconnect with a new token)."""
+        session.stop_expiry()
+        expires_at = session.identity.expires_at
+        if expires_at is None:
+            return
+        loop = asyncio.get_running_loop()
+
+        def expired() -> None:
+            grace = self.config.refresh_grace
+            session.send(codec.refresh_required(int(grace * 1000)))
+            session.expiry = loop.call_later(grace, session.close, CloseCode.TOKEN_EXPIRED,
+                                             "token expired")
+
+        session.expiry = loop.call_later(max(0.0, expires_at - clock.now_ms() / 1000), expired)
+
+    async def _refresh(self, session: Session, codec: Codec, token: str, rid: Any) -> bytes:
+        """A new token for the same user: new grants and expiry, the expiry watch restarted."""
+        if self.config.auth != "jwt":
+            raise ProtocolError(ErrorCode.BAD_REQUEST, "no tokens are used here (--auth none)")
+        try:
+            claims = await self.auth.connection(token)
+        except TokenError as exc:
+            self.metrics.auth_failures.labels(reason=exc.reason).inc()
+            if exc.reason == "unavailable":
+                raise BrokerUnavailable(exc.message) from None
+            raise ProtocolError(ErrorCode.TOKEN_EXPIRED if exc.reason == "expired"
+                                else ErrorCode.UNAUTHORIZED, exc.message) from None
+        who = session.identity
+        if not who.authenticated or claims.user_id != who.user_id:
+            raise ProtocolError(ErrorCode.UNAUTHORIZED, "the token is for another user")
+        # The name and info stay as the room's presence shows them; rights and expiry change.
+        session.identity = dataclasses.replace(who, grants=claims.grants,
+                                               expires_at=claims.expires_at)
+        self._watch_expiry(session, codec)
+        return envelopes.refreshed(claims.expires_at, rid)
 
     # --- entry point -------------------------------------------------------------------------
 
@@ -272,23 +475,23 @@ class WebSocketEndpoint:
         else:
             codec, opening = NativeCodec(), self._open_native
         conn_id = new_conn_id()
-        # Checked at the handshake already (HttpRoutes.route answers 400 for a bad one).
-        user_id, username = query_identity(ws.request.path) if uses_query_identity(
-            url.path) else ("", "")
-        user_id = user_id or f"anon-{conn_id[:8]}"
-        username = username or user_id
+        identity = self.identity(ws, conn_id, url.path)
         session = Session(
-            ws=ws, writer=self.writer, identity=Identity(user_id, username), codec=codec.name,
-            limiter=ws.limiter, budget=self.budget,
-            conn_id=conn_id, peer=client_address(ws, self.config.trusted_proxies),
+            ws=ws, writer=self.writer, identity=identity or anonymous(conn_id),
+            codec=codec.name, limiter=ws.limiter, budget=self.budget,
+            conn_id=conn_id, peer=ws.address or "",
         )
         ws.session = session
         structlog.contextvars.bind_contextvars(conn_id=conn_id, dialect=codec.name)
         self.service.connected(session)
         self.metrics.connections.labels(dialect=codec.name).inc()
-        log.info("connection opened", peer=session.peer, user_id=user_id)
+        log.info("connection opened", peer=session.peer,
+                 user_id=identity.user_id if identity else None)
         try:
+            if identity is None and not await self._authenticate(session, codec):
+                return
             if await opening(session, codec):
+                self._watch_expiry(session, codec)
                 await self._serve(session, codec)
         except ConnectionClosed:
             pass
@@ -298,6 +501,7 @@ class WebSocketEndpoint:
             self.metrics.errors.labels(code=ErrorCode.INTERNAL).inc()
             await ws.close(CloseCode.INTERNAL_ERROR, "internal error")
         finally:
+            session.stop_expiry()
             await self.service.disconnected(session)
             self.metrics.connections.labels(dialect=codec.name).dec()
             # The code this node sent when it closed (1008, 1009, 1012...), else the client's.
@@ -334,13 +538,14 @@ class WebSocketEndpoint:
             case envelopes.Publish(room, data, rid):
                 publication = await service.publish(session, room, data)
                 out = codec.published(room, publication.offset, publication.epoch, rid)
-            case envelopes.Join(room, rid, since, nick):
+            case envelopes.Join(room, rid, since, nick, token):
                 def reply(joined: Joined) -> None:
                     answer = codec.joined(room, rid, **_position(joined, since is not None))
                     if answer is not None:
                         session.send(answer)
 
-                await service.join(session, room, nick=nick, since=since, reply=reply)
+                await service.join(session, room, nick=nick, since=since, reply=reply,
+                                   token=token)
             case envelopes.Leave(room, rid):
                 await service.leave(session, room)
                 out = codec.left(room, rid)
@@ -349,15 +554,19 @@ class WebSocketEndpoint:
             case envelopes.Ping(rid):
                 out = codec.pong(rid)
             case envelopes.Presence(room, rid):
-                members = await service.presence(room)
+                members = await service.presence(session, room)
                 out = codec.presence(room, [m.to_dict() for m in members], rid)
             case envelopes.History(room, limit, since, rid):
-                result = await service.history(room, since, limit)
+                result = await service.history(session, room, since, limit)
                 # At most --max-reply-size per reply; the client pages on with since.
                 messages, more = envelopes.history_page(result.messages,
                                                         self.config.max_reply_size)
                 out = codec.history(room, messages, result.offset, result.epoch, rid,
                                     result.recovered if since is not None else None, more)
+            case envelopes.Refresh(token, rid):
+                out = await self._refresh(session, codec, token, rid)
+            case envelopes.Connect(_, rid):
+                raise ProtocolError(ErrorCode.BAD_REQUEST, "already connected", rid)
         if out is not None:
             session.send(out)
 
@@ -374,6 +583,9 @@ class WebSocketEndpoint:
             if verdict.allowed:
                 yield frame
                 continue
+            if verdict.quiet and not verdict.flood:
+                self.metrics.typing_dropped.inc()  # A typing frame over its budget: dropped.
+                continue
             self.metrics.errors.labels(code=ErrorCode.RATE_LIMITED).inc()
             if verdict.flood:
                 ws.close_flooding()
@@ -387,8 +599,24 @@ class WebSocketEndpoint:
     # --- openings ----------------------------------------------------------------------------
 
     async def _open_native(self, session: Session, codec: NativeCodec) -> bool:
-        session.send(envelopes.welcome(session.conn_id, self.config.node_id))
+        if not await self._count_user(session, codec):
+            return False
+        who = session.identity
+        fields: dict[str, Any] = {"user_id": who.user_id, "username": who.username}
+        if who.expires_at is not None:
+            fields["expires_at"] = int(who.expires_at)
+        if not who.authenticated:
+            fields["anonymous"] = True
+        session.send(envelopes.welcome(session.conn_id, self.config.node_id,
+                                       session.welcome_id, **fields))
         return True
+
+    async def _refuse_room(self, session: Session, codec: Any, exc: ProtocolError) -> None:
+        """A chat-dialect client may not be in its room (unknown namespace, forbidden, full):
+        the error as the dialect shows it, then 1008."""
+        self.metrics.errors.labels(code=exc.code).inc()
+        session.send(codec.notice(exc.message))
+        await session.ws.close(CloseCode.POLICY_VIOLATION, exc.code)
 
     async def _refuse_unavailable(self, session: Session, codec: Any) -> None:
         """The backend is down while a compatibility client connects: say so, close 4001."""
@@ -401,9 +629,14 @@ class WebSocketEndpoint:
         if not envelopes.valid_room(room):
             await session.ws.close(CloseCode.POLICY_VIOLATION, "invalid room name")
             return False
+        if not await self._count_user(session, codec):
+            return False
         try:
             joined = await self.service.join(session, room, with_position=False)
-            members = await self.service.presence(room)
+            members = await self.service.members(room)
+        except ProtocolError as exc:
+            await self._refuse_room(session, codec, exc)
+            return False
         except BrokerUnavailable:
             await self._refuse_unavailable(session, codec)
             return False
@@ -432,14 +665,21 @@ class WebSocketEndpoint:
             session.send(codec.notice(f"nick may have {envelopes.PRINTABLE_RULE}"))
             await session.ws.close(CloseCode.POLICY_VIOLATION, "invalid nick")
             return False
-        # The tutorial has no identity: its nick is who it is.
-        session.identity = Identity(nick, nick)
+        if self.config.auth == "none":
+            # The tutorial has no identity: its nick is who it is, and only while this
+            # connection lives (nobody may take it over, not even with the same nick).
+            session.identity = Identity(nick, nick, reclaims=False)
+        else:
+            session.identity = dataclasses.replace(session.identity, username=nick)
+        if not await self._count_user(session, codec):
+            return False
         try:
             await self.service.join(session, room, nick=nick, with_position=False)
-            present = sorted({m.username for m in await self.service.presence(room)})
+            present = sorted({m.username for m in await self.service.members(room)})
         except ProtocolError as exc:
             if exc.code != ErrorCode.NICK_TAKEN:
-                raise
+                await self._refuse_room(session, codec, exc)
+                return False
             session.send(codec.notice(f"nick {nick!r} is taken"))
             await session.ws.close(CloseCode.POLICY_VIOLATION, "nick taken")
             return False
@@ -449,6 +689,18 @@ class WebSocketEndpoint:
         session.send(dialects.tutorial(
             "info", "server", f"Welcome, {nick}! {len(present)} present: {', '.join(present)}"))
         return True
+
+
+def identity_of(claims: Claims) -> Identity:
+    """A connection's identity from its verified token: nothing the client chose."""
+    return Identity(claims.user_id, claims.name or claims.user_id, info=claims.info,
+                    grants=claims.grants, expires_at=claims.expires_at)
+
+
+def anonymous(conn_id: str) -> Identity:
+    """An anonymous connection (--allow-anonymous): a user of its own, join rule anyone only."""
+    user_id = f"anon-{conn_id[:8]}"
+    return Identity(user_id, user_id, authenticated=False, reclaims=False)
 
 
 def _position(joined: Joined, with_since: bool) -> dict[str, Any]:

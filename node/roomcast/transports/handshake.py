@@ -1,0 +1,169 @@
+"""Who may open a WebSocket: every check made on the HTTP upgrade request, before it is accepted.
+
+A refused handshake gets a plain HTTP answer, never an upgrade (docs/PROTOCOL.md, "Handshake"):
+
+=====  ================================================================================
+400    a ``user_id``/``username`` with a character that is not printable (--auth none)
+401    a token in ``Authorization: Bearer`` or ``?token=`` that does not verify, or none where
+       one is needed (``WWW-Authenticate: Bearer error="invalid_token"``, RFC 6750 section 3)
+403    an ``Origin`` that --allowed-origins does not list (with --auth jwt and no list: another
+       host than the one asked)
+429    this address holds --max-connections-per-address, or made more than --handshake-rate
+       handshakes a second (``Retry-After``)
+503    the node holds --max-connections (the balancer tries another node), or it is draining;
+       or the keys to check a token could not be had (a JWKS endpoint down)
+=====  ================================================================================
+
+``Gatekeeper.admit`` counts each accepted upgrade against its address and the node until the
+TCP connection is lost (``release``, from ``AdmittedConnection.connection_lost``), so a
+connection whose handshake fails later is never left counted.
+"""
+
+from __future__ import annotations
+
+import collections
+import fnmatch
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+import structlog
+
+from roomcast.config import Config
+from roomcast.metrics import Metrics
+from roomcast.service.auth import Authenticator, Claims, TokenError
+from roomcast.service.ratelimit import TokenBucket
+
+log = structlog.get_logger("roomcast.handshake")
+
+#: Addresses whose handshake buckets are kept; the least recently seen go first beyond it, so
+#: that a scan from many addresses costs bounded memory (a forgotten bucket starts full again).
+MAX_TRACKED_ADDRESSES = 65536
+
+
+@dataclass(frozen=True, slots=True)
+class Refusal:
+    """An HTTP answer instead of the upgrade."""
+
+    status: int
+    text: str
+    #: The metric label (roomcast_handshakes_refused_total{reason}).
+    reason: str
+    headers: tuple[tuple[str, str], ...] = ()
+
+
+def bearer_token(headers: Any, target: str) -> str | None:
+    """The token of a handshake: ``Authorization: Bearer <token>``, else ``?token=``."""
+    authorization = str(headers.get("Authorization", ""))
+    scheme, _, value = authorization.partition(" ")
+    if scheme.lower() == "bearer" and value.strip():
+        return value.strip()
+    tokens = parse_qs(urlsplit(target).query).get("token")
+    return str(tokens[0]) if tokens and tokens[0] else None
+
+
+def origin_allowed(origin: str | None, host: str | None, patterns: tuple[str, ...],
+                   same_host_only: bool) -> bool:
+    """True when a browser at ``origin`` may connect. No ``Origin`` (a non-browser client):
+    allowed. ``patterns`` are globs matched case-insensitively against the whole origin
+    (``https://*.example.com``). Without patterns: any origin, or with ``same_host_only``
+    only one whose host name is the one the request was sent to (ports may differ: a proxy
+    on 443 forwards to a node on 8000)."""
+    if origin is None:
+        return True
+    origin = origin.strip().lower()
+    if patterns:
+        return any(fnmatch.fnmatchcase(origin, p.strip().lower()) for p in patterns)
+    if not same_host_only:
+        return True
+    asked = (host or "").strip().lower()
+    asked_name = urlsplit(f"//{asked}").hostname
+    return asked_name is not None and urlsplit(origin).hostname == asked_name
+
+
+class Gatekeeper:
+    """The checks of one node's upgrade requests, and the counts they need."""
+
+    def __init__(self, config: Config, auth: Authenticator, metrics: Metrics) -> None:
+        self.config = config
+        self.auth = auth
+        self.metrics = metrics
+        #: Upgrades accepted whose TCP connection still lives, in total and per address.
+        self.open = 0
+        self.by_address: collections.Counter[str] = collections.Counter()
+        self._buckets: collections.OrderedDict[str, TokenBucket] = collections.OrderedDict()
+
+    def refuse(self, refusal: Refusal) -> Refusal:
+        self.metrics.handshakes_refused.labels(reason=refusal.reason).inc()
+        log.debug("handshake refused", status=refusal.status, reason=refusal.reason)
+        return refusal
+
+    def check_origin(self, headers: Any) -> Refusal | None:
+        cfg = self.config
+        if origin_allowed(headers.get("Origin"), headers.get("Host"), cfg.allowed_origins,
+                          same_host_only=cfg.auth == "jwt"):
+            return None
+        return self.refuse(Refusal(403, "this origin may not connect", "origin"))
+
+    def check_capacity(self, address: str) -> Refusal | None:
+        """Node and address limits, and the handshake rate of ``address``."""
+        cfg = self.config
+        if cfg.max_connections and self.open >= cfg.max_connections:
+            return self.refuse(Refusal(503, "node is full; connect to another node",
+                                       "node_full"))
+        if (cfg.max_connections_per_address
+                and self.by_address[address] >= cfg.max_connections_per_address):
+            return self.refuse(Refusal(429, "too many connections from this address",
+                                       "address_full", (("Retry-After", "1"),)))
+        if cfg.handshake_rate > 0:
+            verdict = self._bucket(address).charge()
+            if not verdict.allowed:
+                seconds = max(1, -(-verdict.retry_after_ms // 1000))
+                return self.refuse(Refusal(429, "too many handshakes; slow down",
+                                           "handshake_rate",
+                                           (("Retry-After", str(seconds)),)))
+        return None
+
+    def _bucket(self, address: str) -> TokenBucket:
+        bucket = self._buckets.get(address)
+        if bucket is None:
+            bucket = self._buckets[address] = TokenBucket(self.config.handshake_rate,
+                                                          self.config.handshake_burst)
+            if len(self._buckets) > MAX_TRACKED_ADDRESSES:
+                self._buckets.popitem(last=False)
+        else:
+            self._buckets.move_to_end(address)
+        return bucket
+
+    async def verify(self, token: str | None, required: bool) -> Claims | Refusal | None:
+        """The claims of a handshake's token; a 401/503 Refusal when it does not verify, or
+        when there is none and ``required``; None for no token where none is needed."""
+        if token is None:
+            if not required:
+                return None
+            return self.refuse(Refusal(401, "a token is required", "unauthorized",
+                                       (("WWW-Authenticate", 'Bearer realm="roomcast"'),)))
+        try:
+            return await self.auth.connection(token)
+        except TokenError as exc:
+            self.metrics.auth_failures.labels(reason=exc.reason).inc()
+            if exc.reason == "unavailable":
+                return self.refuse(Refusal(503, "cannot check tokens now; retry later",
+                                           "unauthorized", (("Retry-After", "1"),)))
+            description = exc.message.replace('"', "'")
+            return self.refuse(Refusal(
+                401, exc.message, "unauthorized",
+                (("WWW-Authenticate",
+                  f'Bearer realm="roomcast", error="invalid_token", '
+                  f'error_description="{description}"'),)))
+
+    def admit(self, address: str) -> None:
+        """Count an accepted upgrade until ``release``."""
+        self.open += 1
+        self.by_address[address] += 1
+
+    def release(self, address: str) -> None:
+        self.open -= 1
+        self.by_address[address] -= 1
+        if self.by_address[address] <= 0:
+            del self.by_address[address]
