@@ -8,11 +8,13 @@ import random
 import shutil
 import signal
 import sys
+import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import jwt
 import pytest
 from websockets.asyncio.server import ServerConnection, serve
 
@@ -21,6 +23,7 @@ from roomcast.protocol.envelopes import Since
 from roomcast.tools.client import (
     Client,
     ClientClosed,
+    ConnectError,
     RateLimited,
     ServerError,
     backoff_delay,
@@ -433,3 +436,48 @@ def test_every_client_flag_has_help() -> None:
         sub = commands[name]
         for action in sub._actions:
             assert action.help, f"roomcast {name} {action.option_strings or action.dest}"
+
+
+SECRET = "test-secret-" + "x" * 32
+
+
+def _token(sub: str, ttl: float) -> str:
+    return jwt.encode({"sub": sub, "exp": int(time.time() + ttl)}, SECRET, algorithm="HS256")
+
+
+def jwt_exp(token: str) -> float:
+    return float(jwt.decode(token, options={"verify_signature": False})["exp"])
+
+
+async def test_token_provider_answers_refresh_required_and_the_connection_stays(
+        start_node: Callable[..., NodeProcess]) -> None:
+    """A client given a token function sends it as a bearer header, answers refresh_required
+    with a fresh token, and is not closed when the grace ends."""
+    node = start_node(None, "--auth", "jwt", "--jwt-secret", SECRET, "--jwt-leeway", "0",
+                      "--refresh-grace", "1")
+    issued: list[str] = []
+
+    def token() -> str:
+        issued.append(_token("alice", 2 if not issued else 3600))
+        return issued[-1]
+
+    async with Client(node.http, token=token) as client:
+        await client.join("r")
+        # The first token expires within 2 s; the refresh is the client's second call.
+        await wait_for(lambda: len(issued) == 2, timeout=6)
+        first_exp = jwt_exp(issued[0])
+        # Until the moment the node would have closed it (exp + grace), then a round trip.
+        await wait_for(lambda: time.time() > first_exp + 1.2, timeout=6)
+        await client.publish("r", "still here")
+        assert (await next_event(client))["data"] == "still here"
+        assert client.reconnects == 0
+
+
+async def test_a_refused_token_is_terminal_for_the_client(
+        start_node: Callable[..., NodeProcess]) -> None:
+    """A token the node refuses (HTTP 401) makes connect() fail, without retrying."""
+    node = start_node(None, "--auth", "jwt", "--jwt-secret", SECRET)
+    client = Client(node.http, token="not-a-token")
+    with pytest.raises(ConnectError, match="401"):
+        await client.connect()
+    assert client.failed_connects == 1

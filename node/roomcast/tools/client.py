@@ -1,6 +1,7 @@
 """An asyncio client for the native protocol: requests, events, reconnection and recovery.
 
-``async with Client("ws://127.0.0.1:8000", user_id="u1") as client:`` connects; ``join``,
+``async with Client("ws://127.0.0.1:8000", user_id="u1") as client:`` connects (with ``--auth
+jwt``: ``Client(url, token=...)``, a token or a function that returns a fresh one); ``join``,
 ``leave``, ``publish``, ``presence`` and ``history`` are requests answered by the node (matched
 to their reply by an integer ``id``); ``async for event in client`` yields what the node pushes
 (``message``, ``typing``, ``user_joined``, ``user_left``, ...). docs/PROTOCOL.md describes every
@@ -18,9 +19,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import itertools
 import logging
 import random
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Final
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
@@ -38,6 +41,9 @@ log = logging.getLogger("roomcast.client")
 
 #: A decoded JSON envelope, as received from (or sent to) the node.
 Envelope = dict[str, Any]
+#: A connection token, or a function (plain or async) that returns a fresh one: called for every
+#: connection attempt and for every ``refresh_required``.
+TokenSource = str | Callable[[], str | Awaitable[str]]
 
 #: A connection that lived this long restarts the backoff; a shorter one counts as a failure,
 #: so a node that accepts and drops at once is retried with growing delays, not in a tight loop.
@@ -226,6 +232,8 @@ class _Connection:
     #: Rooms whose ``joined`` reply arrived on this connection.
     joined: set[str] = field(default_factory=set)
     reader: asyncio.Task[None] | None = None
+    #: The answer to the last ``refresh_required``, under way.
+    refresher: asyncio.Task[None] | None = None
     lost: bool = False
     close_code: int | None = None
     close_reason: str = ""
@@ -274,6 +282,7 @@ class Client:
         *,
         user_id: str | None = None,
         username: str | None = None,
+        token: TokenSource | None = None,
         backoff_base: float = 0.5,
         backoff_cap: float = 30.0,
         max_failures_before_pause: int = 10,
@@ -286,6 +295,8 @@ class Client:
         rng: random.Random | None = None,
     ) -> None:
         self.url = native_url(url, user_id, username)
+        #: Sent as ``Authorization: Bearer`` on every connection (docs/PROTOCOL.md section 12).
+        self.token = token
         self.backoff_base = backoff_base
         self.backoff_cap = backoff_cap
         self.max_failures_before_pause = max_failures_before_pause
@@ -564,7 +575,28 @@ class Client:
             return []
         if kind == "welcome":
             return []
+        if kind == "refresh_required" and self.token is not None:
+            conn.refresher = asyncio.create_task(self._refresh(conn),
+                                                 name="roomcast-client-refresh")
+            return []
         return [envelope]
+
+    async def _token(self) -> str | None:
+        if self.token is None or isinstance(self.token, str):
+            return self.token
+        value = self.token()
+        return await value if inspect.isawaitable(value) else value
+
+    async def _refresh(self, conn: _Connection) -> None:
+        """Answer ``refresh_required`` with a fresh token; a refusal is logged (the node then
+        closes with 4002 and the client reconnects with the next token)."""
+        try:
+            token = await self._token()
+            if token is None:
+                return
+            await self._exchange(conn, {"type": "refresh", "token": token})
+        except ClientError as exc:
+            log.warning("token refresh failed: %s", exc)
 
     def _reply(self, conn: _Connection, request: _Request, reply: Envelope) -> list[Envelope]:
         events: list[Envelope] = []
@@ -648,8 +680,10 @@ class Client:
     async def _open(self) -> _Connection:
         """Connect, read ``welcome`` and start the reader; raise ConnectError on any failure."""
         try:
+            token = await self._token()
             ws = await connect(
                 self.url,
+                additional_headers={"Authorization": f"Bearer {token}"} if token else None,
                 compression=None,
                 ping_interval=self.ping_interval,
                 ping_timeout=self.ping_timeout,
@@ -668,7 +702,8 @@ class Client:
         except (ConnectionClosed, TimeoutError, orjson.JSONDecodeError) as exc:
             self.failed_connects += 1
             await ws.close()
-            raise ConnectError(f"no welcome from {self.url}: {exc!r}") from exc
+            hint = "" if token else " (a node with --auth jwt needs a token)"
+            raise ConnectError(f"no welcome from {self.url}: {exc!r}{hint}") from exc
         except BaseException:
             await ws.close()
             raise

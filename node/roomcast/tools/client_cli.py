@@ -46,6 +46,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     chat.add_argument("--name", required=True,
                       help="your display name (the username others see)")
     chat.add_argument("--user-id", help="your user id (default: the --name)")
+    _add_token(chat)
     _add_verbose(chat)
     chat.set_defaults(func=lambda args: _run(chat_main(args)))
 
@@ -123,8 +124,17 @@ def _add_url(parser: argparse.ArgumentParser) -> None:
 
 
 def _add_identity(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--user-id", help="user id to connect as (default: one the node assigns)")
-    parser.add_argument("--name", help="username others see (default: the user id)")
+    parser.add_argument("--user-id", help="user id to connect as, with --auth none (default: one "
+                        "the node assigns)")
+    parser.add_argument("--name", help="username others see, with --auth none (default: the "
+                        "user id)")
+    _add_token(parser)
+
+
+def _add_token(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--token", default=os.environ.get("ROOMCAST_TOKEN"),
+                        help="connection token for a node with --auth jwt (see `roomcast "
+                        "token`); default: $ROOMCAST_TOKEN")
 
 
 def _add_verbose(parser: argparse.ArgumentParser) -> None:
@@ -253,7 +263,8 @@ async def chat_main(args: argparse.Namespace) -> int:
     """Join, then print events and send typed lines at the same time until /quit or EOF."""
     _setup(args)
     room: str = args.room
-    client = Client(args.url, user_id=args.user_id or args.name, username=args.name)
+    client = Client(args.url, user_id=args.user_id or args.name, username=args.name,
+                    token=args.token)
     try:
         await client.connect()
     except ClientError as exc:
@@ -330,7 +341,7 @@ async def publish_main(args: argparse.Namespace) -> int:
                 yield line
 
     try:
-        client = Client(args.url, user_id=args.user_id, username=args.name)
+        client = Client(args.url, user_id=args.user_id, username=args.name, token=args.token)
         await client.connect()
     except ClientError as exc:
         return _error("publish", exc)
@@ -374,7 +385,7 @@ async def subscribe_main(args: argparse.Namespace) -> int:
         return 2
     since = None if args.since_epoch is None else Since(args.since_offset, args.since_epoch)
     room: str = args.room
-    client = Client(args.url, user_id=args.user_id, username=args.name)
+    client = Client(args.url, user_id=args.user_id, username=args.name, token=args.token)
     try:
         await client.connect()
     except ClientError as exc:
