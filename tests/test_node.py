@@ -250,6 +250,32 @@ async def test_stats_and_members_show_connections(node: NodeProcess) -> None:
     assert members["members"][0]["node_id"] == node.node_id
 
 
+async def test_public_rest_shows_only_rooms_anyone_may_join(
+        start_node: Callable[..., NodeProcess], tmp_path: Any) -> None:
+    """With --auth jwt, /api/stats and /api/rooms/{room}/members show a room only when anyone
+    may join it: a private room's name, size and members do not leak."""
+    import jwt
+
+    secret = "s" * 40
+    spaces = tmp_path / "namespaces.toml"
+    spaces.write_text('[namespaces.open]\njoin = "anyone"\n[namespaces.vip]\njoin = "granted"\n')
+    node = start_node(None, "--auth", "jwt", "--jwt-secret", secret,
+                      "--namespaces-file", str(spaces))
+    token = jwt.encode({"sub": "alice", "exp": int(time.time()) + 600,
+                        "rooms": {"vip:*": ["join"]}}, secret, algorithm="HS256")
+    alice = await Client.open(node.ws(f"/ws?token={token}"))
+    await alice.expect("welcome")
+    for rid, room in enumerate(("open:hall", "vip:gold", "lobby")):
+        assert (await alice.request({"type": "join", "room": room, "id": rid}))["type"] == "joined"
+    stats = http_json(f"{node.http}/api/stats")
+    assert stats["rooms"] == {"open:hall": 1} and stats["cluster"]["rooms"] == {"open:hall": 1}
+    assert http_json(f"{node.http}/api/rooms/open:hall/members")["count"] == 1
+    for room in ("vip:gold", "lobby"):
+        status, body, _ = http_get(f"{node.http}/api/rooms/{room}/members")
+        assert status == 403 and b"alice" not in body
+    await alice.close()
+
+
 async def test_upgrade_on_unknown_path_is_refused(node: NodeProcess) -> None:
     """A WebSocket handshake on an unknown path is refused with HTTP 404."""
     with pytest.raises(InvalidStatus) as refused:

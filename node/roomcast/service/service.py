@@ -483,10 +483,15 @@ class Service:
         """Each room's position ``conn`` has received up to (the drain hint)."""
         return recovery.delivered(self.rooms, conn)
 
-    async def stats(self) -> dict[str, Any]:
-        return {
-            "node_id": self.node_id,
-            "connections": len(self.connections),
-            "rooms": self.rooms.local_counts(),
-            "cluster": await self.presence_store.stats(),
-        }
+    async def stats(self, public_only: bool = False) -> dict[str, Any]:
+        """Connections and rooms of this node and the cluster. With ``public_only`` (an
+        endpoint anyone may call), only the rooms whose presence is public are listed: the name
+        and size of a room one may not join are not shown."""
+        cluster = await self.presence_store.stats()
+        local = self.rooms.local_counts()
+        if public_only:
+            local = {room: n for room, n in local.items() if self.public_presence(room)}
+            cluster["rooms"] = {room: n for room, n in cluster.get("rooms", {}).items()
+                                if self.public_presence(room)}
+        return {"node_id": self.node_id, "connections": len(self.connections), "rooms": local,
+                "cluster": cluster}

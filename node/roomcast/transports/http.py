@@ -128,7 +128,7 @@ class HttpRoutes:
             return response(200, self.metrics.render(),
                             "text/plain; version=0.0.4; charset=utf-8")
         if path == "/api/stats":
-            return json_response(200, await self.service.stats())
+            return json_response(200, await self.service.stats(public_only=True))
         if path.startswith("/api/rooms/") and path.endswith("/members"):
             room = path[len("/api/rooms/"):-len("/members")]
             if not envelopes.valid_room(room):
