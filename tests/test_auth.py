@@ -444,19 +444,22 @@ async def test_fastapi_identity_comes_from_token(start_node: StartNode) -> None:
         "alice", "Alice", "hi")
 
 
-async def test_tutorial_identity_comes_from_token_nick_from_client(
-        start_node: StartNode) -> None:
-    """Tutorial dialect with ?token=: chat shows the nick the client chose, while presence
-    shows the token's sub as the user id."""
+async def test_tutorial_identity_and_nick_come_from_token(start_node: StartNode) -> None:
+    """Tutorial dialect with ?token=: the nick is the token's name, whatever the client asks
+    for (its clients show only nicks: asking for "Bob" must not make mallory look like Bob);
+    presence shows the token's sub as the user id."""
     node = jwt_node(start_node)
-    ann = await Client.open(node.ws(f"/?token={hs256()}"))
-    await ann.send({"type": "join", "nick": "ann"})
-    assert (await ann.expect("info"))["nick"] == "server"
-    await ann.send({"type": "chat", "nick": "ignored", "text": "hello"})
-    assert await ann.expect("chat") == {"type": "chat", "nick": "ann", "text": "hello"}
-    watcher = await connected(node, hs256(sub="watcher"))
-    presence = await watcher.request({"type": "presence", "room": "chat", "id": "p"})
-    assert [(m["user_id"], m["username"]) for m in presence["members"]] == [("alice", "ann")]
+    bob = await connected(node, hs256(sub="bob", name="Bob"), room="chat")
+    mallory = await Client.open(node.ws(f"/?token={hs256(sub='mallory', name='Mal')}"))
+    await mallory.send({"type": "join", "nick": "Bob"})
+    assert (await mallory.expect("info"))["text"].startswith("Welcome, Mal!")
+    await mallory.send({"type": "chat", "nick": "ignored", "text": "hello"})
+    assert await mallory.expect("chat") == {"type": "chat", "nick": "Mal", "text": "hello"}
+    message = await bob.expect("message")
+    assert message["from"] == {"user_id": "mallory", "username": "Mal"}
+    presence = await bob.request({"type": "presence", "room": "chat", "id": "p"})
+    assert sorted((m["user_id"], m["username"]) for m in presence["members"]) == [
+        ("bob", "Bob"), ("mallory", "Mal")]
 
 
 # --- expiry and refresh ---------------------------------------------------------------------
@@ -565,3 +568,64 @@ async def test_secret_appended_to_secret_file_is_accepted_without_restart(
     assert second.seen[0]["user_id"] == "bob"
     await barrier(first, "r", first)
     assert (await connected(node, hs256(SECRET, sub="carol"))).seen[0]["user_id"] == "carol"
+
+
+# --- rights that change, and hostile claims ---------------------------------------------------
+
+
+def vip_node(start_node: StartNode, tmp_path: Path, *flags: str) -> NodeProcess:
+    """A jwt node with a namespace only grants admit to (vip) and an open one (pub)."""
+    spaces = tmp_path / "namespaces.toml"
+    spaces.write_text('[namespaces.vip]\njoin = "granted"\n[namespaces.pub]\njoin = "anyone"\n')
+    return jwt_node(start_node, "--namespaces-file", str(spaces), *flags)
+
+
+async def test_refresh_with_fewer_grants_leaves_the_rooms_no_longer_allowed(
+        start_node: StartNode, tmp_path: Path) -> None:
+    """A refresh whose token no longer grants a joined room takes the connection out of it
+    (left, reason forbidden, before refreshed): no message of the room reaches it after."""
+    node = vip_node(start_node, tmp_path)
+    alice = await connected(node, hs256(rooms={"vip:*": ["join"]}), room="vip:gold")
+    assert (await alice.request({"type": "join", "room": "pub:hall", "id": "j2"}))["type"] \
+        == "joined"
+    bob = await connected(node, hs256(sub="bob", rooms={"vip:*": ["join", "publish"]}),
+                          room="vip:gold")
+    await alice.expect("user_joined")  # bob's, in vip:gold
+    await alice.send({"type": "refresh", "token": hs256(), "id": "r"})
+    assert await alice.recv() == {"type": "left", "room": "vip:gold", "reason": "forbidden"}
+    assert (await alice.recv())["type"] == "refreshed"
+    await bob.request({"type": "publish", "room": "vip:gold", "data": "secret", "id": "p"})
+    # A barrier in the room alice is still in: nothing of vip:gold came before it.
+    await barrier(bob, "pub:hall", alice)
+    assert not [m for m in alice.seen if m.get("room") == "vip:gold" and m["type"] == "message"]
+
+
+async def test_a_room_token_grants_nothing_after_its_exp(
+        start_node: StartNode, tmp_path: Path) -> None:
+    """A room token's grant ends at its exp: a rejoin without a token is then forbidden and the
+    room's history is not readable."""
+    node = vip_node(start_node, tmp_path, "--jwt-leeway", "0")
+    alice = await connected(node, hs256())
+    exp = int(time.time()) + 2
+    room_token = jwt.encode({"sub": "alice", "room": "vip:gold", "exp": exp}, SECRET,
+                            algorithm="HS256")
+    joined = await alice.request({"type": "join", "room": "vip:gold", "token": room_token,
+                                  "id": "j"})
+    assert joined["type"] == "joined"
+    assert (await alice.request({"type": "leave", "room": "vip:gold", "id": "l"}))["type"] \
+        == "left"
+    await asyncio.sleep(max(0.0, exp - time.time()) + 0.05)  # The grant's own deadline.
+    for request in ({"type": "join", "room": "vip:gold", "id": "j2"},
+                    {"type": "history", "room": "vip:gold", "id": "h"}):
+        reply = await alice.request(request)
+        assert (reply["type"], reply["code"]) == ("error", "forbidden"), reply
+
+
+@pytest.mark.parametrize("exp", [10**20, 2**64, 1e300])
+async def test_an_absurd_exp_is_refused_not_a_crash(start_node: StartNode, exp: float) -> None:
+    """An exp past what an envelope can carry is refused with 401, not a 1011 crash."""
+    node = jwt_node(start_node)
+    token = jwt.encode({"sub": "alice", "exp": exp}, SECRET, algorithm="HS256")
+    response = await refused_handshake(node.ws(f"/ws?token={token}"))
+    assert response.status_code == 401
+    assert not node.logged("handler crashed")

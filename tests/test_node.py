@@ -332,3 +332,32 @@ async def test_slow_consumer_is_closed_and_others_get_everything(
     slow.ws.transport.resume_reading()
     code = await slow.closed(timeout=15)
     assert code == 4000 and slow.ws.close_reason == "slow consumer"
+
+
+def raw_request(node: NodeProcess, head: str) -> bytes:
+    """Send ``head`` as an HTTP request on a raw socket; the status line of the answer."""
+    import socket
+
+    with socket.create_connection(("127.0.0.1", node.port), timeout=5) as sock:
+        sock.sendall(head.encode("latin-1"))
+        return sock.recv(4096).split(b"\r\n", 1)[0]
+
+
+UPGRADE = ("GET /ws HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+           "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n")
+
+
+@pytest.mark.parametrize(("extra", "status"), [
+    ("Origin: https://a.example\r\nOrigin: https://b.example\r\n", b"400"),
+    ("Host: other\r\n", b"400"),
+    ("Authorization: Bearer x\r\nAuthorization: Bearer y\r\n", b"401"),
+    ("Origin: http://[zz\r\n", b"403"),
+])
+async def test_repeated_or_malformed_handshake_headers_get_a_clean_refusal(
+        start_node: Callable[..., NodeProcess], extra: str, status: bytes) -> None:
+    """Two Origin, Host or Authorization headers, or a malformed Origin, get a documented 4xx,
+    never a 500, and the node serves the next client."""
+    node = start_node(None, "--auth", "jwt", "--jwt-secret", "s" * 32)
+    assert raw_request(node, UPGRADE + extra + "\r\n").split(b" ")[1] == status
+    assert not node.logged("process_request failed")
+    assert http_json(f"{node.http}/readyz")["status"] == "ready"

@@ -34,7 +34,7 @@ class Conn:
     identity: Identity
     codec: str = dialects.NATIVE
     rooms: dict[str, str | None] = field(default_factory=dict)
-    room_grants: dict[str, frozenset[str]] = field(default_factory=dict)
+    room_grants: dict[str, Any] = field(default_factory=dict)
     sent: list[dict[str, Any]] = field(default_factory=list)
     closed: tuple[int, str] | None = None
 
@@ -431,3 +431,14 @@ async def test_a_join_whose_history_is_ahead_of_the_live_stream_gets_no_repeats(
     assert early.messages() == [1, 2, 3, 4]
     assert late.messages() == ([2, 3, 4] if with_since else [4])
     await service.close()
+
+
+async def test_typing_state_is_dropped_with_the_connection(node: Node) -> None:
+    """The typing throttle's state of a connection goes when it does, whichever rooms it typed
+    in (joined or not), and holds at most --max-rooms-per-connection rooms meanwhile."""
+    conn = node.conn("typist")
+    for n in range(node.config.max_rooms_per_connection + 5):
+        await node.service.typing(conn, f"room{n}")
+    assert len(node.service._typed[conn.conn_id]) == node.config.max_rooms_per_connection
+    await node.service.disconnected(conn)
+    assert conn.conn_id not in node.service._typed

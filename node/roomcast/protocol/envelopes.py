@@ -343,6 +343,11 @@ def joined(room: str, request_id: Any = None, **extra: Any) -> bytes:
     return _with_id({"type": "joined", "room": room, **extra}, request_id)
 
 
+def revoked(room: str) -> bytes:
+    """The connection was taken out of ``room``: after a refresh, its rights no longer admit it."""
+    return orjson.dumps({"type": "left", "room": room, "reason": "forbidden"})
+
+
 def left(room: str, request_id: Any = None) -> bytes:
     return _with_id({"type": "left", "room": room}, request_id)
 

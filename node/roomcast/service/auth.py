@@ -309,10 +309,17 @@ def _user(payload: Mapping[str, Any], claim: str) -> str:
                    "characters")
 
 
+#: The latest ``exp`` taken: far beyond any real token (the year 2^53 seconds after 1970 is
+#: further than the universe is old), and well inside what the envelopes can carry (orjson
+#: encodes integers of at most 64 bits; an ``exp`` of 1e20 would crash the welcome).
+MAX_EXP: Final = 2**53
+
+
 def _expiry(payload: Mapping[str, Any]) -> float:
     # PyJWT checked exp against the clock but accepts anything int() takes (a numeric string).
     exp = payload["exp"]
-    if isinstance(exp, int | float) and not isinstance(exp, bool) and math.isfinite(exp):
+    if (isinstance(exp, int | float) and not isinstance(exp, bool) and math.isfinite(exp)
+            and exp <= MAX_EXP):
         return float(exp)
     raise _invalid("claim exp must be a number")
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
-    from roomcast.service.auth import Grant
+    from roomcast.service.auth import Grant, RoomClaims
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,8 +53,8 @@ class Connection(Protocol):
     codec: str
     #: Rooms it is in -> the nick it holds there (None when it asked for none).
     rooms: dict[str, str | None]
-    #: Rooms a room token granted it -> the actions granted (kept for the connection's life).
-    room_grants: dict[str, frozenset[str]]
+    #: Rooms a room token granted it -> that token's claims (actions, until its exp).
+    room_grants: dict[str, RoomClaims]
 
     def send(self, payload: bytes) -> None:
         """Queue one envelope to the client, after everything queued before it. Never blocks;

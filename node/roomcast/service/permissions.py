@@ -12,10 +12,13 @@ One check per action, written once for every transport (habit 16). The rules
   of ``presence``. ``history``: whoever may join, or a grant of ``history``.
 
 A grant is an entry of the connection token's ``rooms`` claim whose pattern matches the room,
-or a room token the connection presented when it joined (``Connection.room_grants``).
+or a room token the connection presented when it joined (``Connection.room_grants``) and whose
+``exp`` has not passed.
 """
 
 from __future__ import annotations
+
+import time
 
 from roomcast.namespaces import Namespace, Namespaces
 from roomcast.protocol.envelopes import ErrorCode, ProtocolError
@@ -24,7 +27,8 @@ from roomcast.service.connection import Connection
 
 def granted(conn: Connection, room: str, action: str) -> bool:
     """True when a token of ``conn`` grants ``action`` in ``room``."""
-    if action in conn.room_grants.get(room, ()):
+    token = conn.room_grants.get(room)
+    if token is not None and action in token.actions and token.expires_at > time.time():
         return True
     return any(grant.allows(room, action) for grant in conn.identity.grants)
 

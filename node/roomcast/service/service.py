@@ -94,8 +94,9 @@ class Service:
         self._tasks: set[asyncio.Task[None]] = set()
         #: Connections counted towards their user's cluster-wide limit (to uncount them).
         self._counted: set[str] = set()
-        #: (conn_id, room) -> when a typing event of it was last relayed (--typing-interval).
-        self._typed: dict[tuple[str, str], float] = {}
+        #: conn_id -> room -> when a typing event of it was last relayed (--typing-interval);
+        #: at most --max-rooms-per-connection rooms per connection, dropped with it.
+        self._typed: dict[str, dict[str, float]] = {}
         rooms.on_gap = self._gap
 
     # --- lifecycle ---------------------------------------------------------------------------
@@ -231,6 +232,7 @@ class Service:
     async def disconnected(self, conn: Connection) -> None:
         """The connection is gone: leave every room it was in (presence, nicks, subscriptions)."""
         self.connections.pop(conn.conn_id, None)
+        self._typed.pop(conn.conn_id, None)
         self.presence_store.set_connection_count(len(self.connections))
         for room in list(conn.rooms):
             try:
@@ -346,7 +348,7 @@ class Service:
                 raise BrokerUnavailable(exc.message) from None
             code = ErrorCode.TOKEN_EXPIRED if exc.reason == "expired" else ErrorCode.UNAUTHORIZED
             raise ProtocolError(code, exc.message) from None
-        conn.room_grants[room] = claims.actions
+        conn.room_grants[room] = claims
 
     async def _check_room_size(self, conn: Connection, room: str, limit: int) -> None:
         """ProtocolError room_full when ``limit`` other users are in the room. A user already
@@ -387,6 +389,18 @@ class Service:
                 room, envelopes.event("user_joined", room, **fields), origin=conn.conn_id)
         return fresh
 
+    async def recheck(self, conn: Connection) -> list[str]:
+        """Leave every room ``conn`` may no longer join (its rights changed: a refresh with
+        fewer grants, a room token that expired); returns those rooms."""
+        lost = []
+        for room in list(conn.rooms):
+            try:
+                self.permissions.check(conn, room, "join")
+            except ProtocolError:
+                lost.append(room)
+                await self._leave(conn, room)
+        return lost
+
     async def leave(self, conn: Connection, room: str) -> None:
         """Leave a joined room; ProtocolError not_joined otherwise."""
         if room not in conn.rooms:
@@ -397,7 +411,6 @@ class Service:
         if room in conn.rooms:
             self._count_local(room, conn.identity.user_id, -1)
         nick = conn.rooms.pop(room, None)
-        self._typed.pop((conn.conn_id, room), None)
         self.rooms.leave(room, conn)
         ns = self.namespaces.resolve(room)
         if ns is None or ns.presence:
@@ -434,13 +447,16 @@ class Service:
         once per --typing-interval per connection and room: the others are dropped, silently
         (a browser sends one per keystroke). Needs the right to publish."""
         self.permissions.check(conn, room, "publish")
-        key = (conn.conn_id, room)
+        typed = self._typed.setdefault(conn.conn_id, {})
         now = clock.monotonic()
-        last = self._typed.get(key)
+        last = typed.get(room)
         if last is not None and now - last < self.config.typing_interval:
             self.metrics.typing_dropped.inc()
             return
-        self._typed[key] = now
+        typed.pop(room, None)
+        typed[room] = now  # Newest last: the oldest room is forgotten first.
+        if len(typed) > self.config.max_rooms_per_connection:
+            del typed[next(iter(typed))]
         who = conn.identity
         await self.broker.publish_event(
             room,

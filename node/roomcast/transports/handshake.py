@@ -52,9 +52,19 @@ class Refusal:
     headers: tuple[tuple[str, str], ...] = ()
 
 
+def single(headers: Any, name: str) -> str | None:
+    """The one value of header ``name`` (None when absent); ValueError when it is repeated
+    (which of two Origin or Authorization headers counts is anyone's guess: refuse)."""
+    values = headers.get_all(name)
+    if len(values) > 1:
+        raise ValueError(f"repeated {name} header")
+    return str(values[0]) if values else None
+
+
 def bearer_token(headers: Any, target: str) -> str | None:
-    """The token of a handshake: ``Authorization: Bearer <token>``, else ``?token=``."""
-    authorization = str(headers.get("Authorization", ""))
+    """The token of a handshake: ``Authorization: Bearer <token>``, else ``?token=``.
+    ValueError for a repeated Authorization header."""
+    authorization = single(headers, "Authorization") or ""
     scheme, _, value = authorization.partition(" ")
     if scheme.lower() == "bearer" and value.strip():
         return value.strip()
@@ -77,8 +87,11 @@ def origin_allowed(origin: str | None, host: str | None, patterns: tuple[str, ..
     if not same_host_only:
         return True
     asked = (host or "").strip().lower()
-    asked_name = urlsplit(f"//{asked}").hostname
-    return asked_name is not None and urlsplit(origin).hostname == asked_name
+    try:
+        asked_name = urlsplit(f"//{asked}").hostname
+        return asked_name is not None and urlsplit(origin).hostname == asked_name
+    except ValueError:  # A malformed host or origin ("[zz"): not the same host.
+        return False
 
 
 class Gatekeeper:
@@ -100,8 +113,11 @@ class Gatekeeper:
 
     def check_origin(self, headers: Any) -> Refusal | None:
         cfg = self.config
-        if origin_allowed(headers.get("Origin"), headers.get("Host"), cfg.allowed_origins,
-                          same_host_only=cfg.auth == "jwt"):
+        try:
+            origin, host = single(headers, "Origin"), single(headers, "Host")
+        except ValueError as exc:
+            return self.refuse(Refusal(400, str(exc), "bad_request"))
+        if origin_allowed(origin, host, cfg.allowed_origins, same_host_only=cfg.auth == "jwt"):
             return None
         return self.refuse(Refusal(403, "this origin may not connect", "origin"))
 
@@ -134,6 +150,16 @@ class Gatekeeper:
         else:
             self._buckets.move_to_end(address)
         return bucket
+
+    async def verify_request(self, headers: Any, target: str, required: bool
+                             ) -> Claims | Refusal | None:
+        """``verify`` of the handshake's token (a repeated Authorization header: 401)."""
+        try:
+            token = bearer_token(headers, target)
+        except ValueError as exc:
+            self.metrics.auth_failures.labels(reason="invalid").inc()
+            return self.refuse(Refusal(401, str(exc), "unauthorized"))
+        return await self.verify(token, required)
 
     async def verify(self, token: str | None, required: bool) -> Claims | Refusal | None:
         """The claims of a handshake's token; a 401/503 Refusal when it does not verify, or

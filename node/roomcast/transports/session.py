@@ -10,6 +10,7 @@ from typing import Any
 import structlog
 from websockets.asyncio.server import ServerConnection
 
+from roomcast.service.auth import RoomClaims
 from roomcast.service.connection import Identity
 from roomcast.service.ratelimit import TokenBucket
 from roomcast.transports.writer import FrameWriter, SendBudget
@@ -39,8 +40,8 @@ class Session:
     peer: str = ""
     #: Set once the client fell behind by more than --max-send-buffer and is being closed.
     slow: bool = False
-    #: room -> actions a room token granted there (service/permissions.py).
-    room_grants: dict[str, frozenset[str]] = field(default_factory=dict)
+    #: room -> the room token that granted it (service/permissions.py).
+    room_grants: dict[str, RoomClaims] = field(default_factory=dict)
     #: The id of the connect frame, echoed by the welcome that answers it.
     welcome_id: Any = None
     #: The pending step of the token expiry watch (refresh_required, then the close).

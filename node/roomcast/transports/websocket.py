@@ -52,7 +52,7 @@ from roomcast.service.auth import Authenticator, Claims, TokenError
 from roomcast.service.connection import Identity
 from roomcast.service.ratelimit import TokenBucket, Verdict
 from roomcast.service.service import Joined, Service
-from roomcast.transports.handshake import Gatekeeper, Refusal, bearer_token
+from roomcast.transports.handshake import Gatekeeper, Refusal
 from roomcast.transports.session import Session, new_conn_id
 from roomcast.transports.writer import FrameWriter, SendBudget
 
@@ -96,7 +96,8 @@ def client_address(ws: ServerConnection, headers: Headers, trusted: tuple[str, .
     address = str(ws.remote_address[0]) if ws.remote_address else ""
     if address not in trusted:
         return address
-    hops = [h.strip() for h in headers.get("X-Forwarded-For", "").split(",")]
+    # Several X-Forwarded-For headers are one list (RFC 9110 section 5.3), in order.
+    hops = [h.strip() for h in ",".join(headers.get_all("X-Forwarded-For")).split(",")]
     for hop in reversed([h for h in hops if h]):
         address = hop
         if hop not in trusted:
@@ -132,8 +133,12 @@ FLOOD_CLOSE_TIMEOUT = 0.5
 #: a 64-character room and an id is well under it).
 TYPING_PEEK = 192
 #: Typing frames have a budget of their own (a browser sends one per keystroke) whose refusals
-#: are dropped silently; only this many times more refusals in a row than --flood-close-after
-#: close the connection, which no typist reaches.
+#: are dropped silently: TYPING_RATE a second, TYPING_BURST at once, a few times what is relayed
+#: (one per --typing-interval and room), so that typing adds little to what a connection may
+#: send. Only TYPING_FLOOD_FACTOR times more refusals in a row than --flood-close-after close
+#: the connection, which no typist reaches (a held key repeats at about 30 a second).
+TYPING_RATE = 5.0
+TYPING_BURST = 10
 TYPING_FLOOD_FACTOR = 10
 
 
@@ -173,10 +178,12 @@ class AdmittedConnection(ServerConnection):
         config = self.endpoint.config
         self.limiter = TokenBucket(config.rate_limit, config.rate_burst,
                                    flood_after=config.flood_close_after)
-        #: The typing frames' own budget (TYPING_FLOOD_FACTOR).
+        #: The typing frames' own budget (TYPING_RATE).
         self.typing_limiter = TokenBucket(
-            config.rate_limit, config.rate_burst,
-            flood_after=config.flood_close_after * TYPING_FLOOD_FACTOR)
+            TYPING_RATE, TYPING_BURST, flood_after=config.flood_close_after * TYPING_FLOOD_FACTOR)
+        #: Whether the dialect has typing at all (the tutorial on / has not); known from the
+        #: request, at the first frame.
+        self._has_typing: bool | None = None
         #: The verified token of the handshake (URL or header), if any.
         self.claims: Claims | None = None
         #: The client address the handshake was counted under (Gatekeeper), once admitted.
@@ -210,6 +217,16 @@ class AdmittedConnection(ServerConnection):
 
     def connection_lost(self, exc: Exception | None) -> None:
         super().connection_lost(exc)
+        self.uncount()
+
+    def count(self, address: str) -> None:
+        """Count this connection against ``address`` and the node (Gatekeeper) until
+        ``uncount``, which the loss of the TCP connection calls too."""
+        self.endpoint.gate.admit(address)
+        self.address = address
+
+    def uncount(self) -> None:
+        """Stop counting it; idempotent."""
         if self.address is not None:
             self.endpoint.gate.release(self.address)
             self.address = None
@@ -230,7 +247,9 @@ class AdmittedConnection(ServerConnection):
             opcode = event.opcode
             # Every data message gets its verdict, even after a flood close: the loop takes
             # one per message it receives.
-            if opcode is Opcode.TEXT and event.fin and is_typing(event.data):
+            if self._has_typing is None:
+                self._has_typing = urlsplit(self.request.path).path != "/"
+            if opcode is Opcode.TEXT and event.fin and self._has_typing and is_typing(event.data):
                 verdict = self.typing_limiter.charge()
                 self.verdicts.append(verdict if verdict.allowed else dataclasses.replace(
                     verdict, quiet=True))
@@ -320,29 +339,34 @@ class WebSocketEndpoint:
             # A draining node sends handshakes elsewhere: 503 makes nginx try the next one.
             return gate.refuse(Refusal(503, "node is draining; connect to another node",
                                        "draining"))
-        refusal = gate.check_origin(request.headers)
+        # The cheap counts first, so that a flood of handshakes costs nothing more.
         address = client_address(ws, request.headers, self.config.trusted_proxies)
-        refusal = refusal or gate.check_capacity(address)
+        refusal = gate.check_capacity(address) or gate.check_origin(request.headers)
         if refusal is not None:
             return refusal
-        claims: Claims | None = None
         if self.config.auth == "none":
             if uses_query_identity(path):
                 try:
                     query_identity(request.path)
                 except ProtocolError as exc:
                     return gate.refuse(Refusal(400, exc.message, "bad_request"))
-        else:
-            # Native clients may bring the token in their first frame instead (browsers cannot
-            # set headers on a WebSocket); the chat dialects only in the URL or a header.
-            required = path != "/ws" and not self.config.allow_anonymous
-            verified = await gate.verify(bearer_token(request.headers, request.path), required)
-            if isinstance(verified, Refusal):
-                return verified
-            claims = verified
-        ws.claims = claims
-        ws.address = address
-        gate.admit(address)
+            ws.count(address)
+            return None
+        # Counted before the token is checked: a check that waits (a JWK set being fetched)
+        # must not let more handshakes past the limits meanwhile.
+        ws.count(address)
+        # Native clients may bring the token in their first frame instead (browsers cannot
+        # set headers on a WebSocket); the chat dialects only in the URL or a header.
+        required = path != "/ws" and not self.config.allow_anonymous
+        try:
+            verified = await gate.verify_request(request.headers, request.path, required)
+        except BaseException:
+            ws.uncount()
+            raise
+        if isinstance(verified, Refusal):
+            ws.uncount()
+            return verified
+        ws.claims = verified
         return None
 
     def identity(self, ws: AdmittedConnection, conn_id: str, path: str) -> Identity | None:
@@ -457,7 +481,11 @@ class WebSocketEndpoint:
         session.identity = dataclasses.replace(who, grants=claims.grants,
                                                expires_at=claims.expires_at)
         self._watch_expiry(session, codec)
-        return envelopes.refreshed(claims.expires_at, rid)
+        reply = envelopes.refreshed(claims.expires_at, rid)
+        # The new rights apply to the rooms it is in too: it leaves those they no longer admit.
+        for room in await self.service.recheck(session):
+            session.send(envelopes.revoked(room))
+        return reply
 
     # --- entry point -------------------------------------------------------------------------
 
@@ -670,7 +698,9 @@ class WebSocketEndpoint:
             # connection lives (nobody may take it over, not even with the same nick).
             session.identity = Identity(nick, nick, reclaims=False)
         else:
-            session.identity = dataclasses.replace(session.identity, username=nick)
+            # The token says who it is, and its clients show nothing but the nick: the nick is
+            # the token's name, whatever was asked for (else anyone could chat as "Bob").
+            nick = dialects.clean_nick(session.identity.username, self.config.max_nick_length)
         if not await self._count_user(session, codec):
             return False
         try:
