@@ -2,18 +2,23 @@
 
 "Not delivered" is proven with a barrier: after the publication that must not arrive, a marker
 is published to a subscribed room, and the marker must be the next thing delivered.
+
+The memory broker's idempotency windows run on the real monotonic clock (the factories' fake
+clock drives history only), so the one test that waits a window out waits on the real clock,
+bounded by the window.
 """
 
 from __future__ import annotations
 
 import asyncio
+import time
 
 import orjson
 import pytest
 
 from roomcast import clock
-from roomcast.backends.broker import BrokerUnavailable
-from tests.contract.factories import Backend, assert_next_is, fields, prefix
+from roomcast.backends.broker import BrokerUnavailable, Publication
+from tests.contract.factories import WAIT, Backend, Pair, assert_next_is, fields, prefix
 
 
 async def test_broker_is_unavailable_until_started_and_after_close(backend: Backend) -> None:
@@ -180,3 +185,150 @@ async def test_publishing_works_without_any_subscription(backend: Backend) -> No
     pair = await backend.pair()
     publication = await pair.publish("r", 1)
     assert (await pair.history.read("r")).messages == [publication.payload]
+
+
+
+
+# --- idempotent publish ------------------------------------------------------------------------
+
+
+async def publish_with_key(
+    pair: Pair, room: str, data: object, key: str, window: float = 300.0, origin: str = "c1"
+) -> Publication:
+    return await pair.broker.publish(room, prefix(room, data), origin, idempotency_key=key,
+                                     window=window)
+
+
+async def test_an_idempotent_retry_returns_the_first_result_and_publishes_nothing(
+    backend: Backend,
+) -> None:
+    """A publish retried with the same key returns the first offset and epoch, marked
+    duplicate, with an empty payload and the retrier's origin; history holds the message once
+    and a subscriber receives it once."""
+    pair = await backend.pair()
+    await pair.broker.subscribe("r")
+    first = await publish_with_key(pair, "r", "hi", "send-1")
+    retry = await publish_with_key(pair, "r", "hi", "send-1", origin="c2")
+    assert (first.offset, first.duplicate, orjson.loads(first.payload)["data"]) == (
+        1, False, "hi")
+    assert (retry.room, retry.offset, retry.epoch, retry.duplicate, retry.payload,
+            retry.origin) == ("r", 1, first.epoch, True, b"", "c2")
+    result = await pair.history.read("r")
+    assert (result.offset, result.messages) == (1, [first.payload])
+    delivered = await pair.deliveries.next()
+    assert fields(delivered) == fields(first) and delivered.duplicate is False
+    marker = await pair.publish("r", "marker")
+    assert marker.offset == 2  # The retry took no offset.
+    await assert_next_is(pair.deliveries, marker)
+
+
+async def test_concurrent_publishes_with_one_key_publish_exactly_once(backend: Backend) -> None:
+    """Of publishes racing with one key, one is published and every other one is its
+    duplicate: the check and the publish are one atomic step."""
+    pair = await backend.pair()
+    results = await asyncio.gather(*(publish_with_key(pair, "r", n, "k") for n in range(10)))
+    assert sorted(p.duplicate for p in results) == [False] + [True] * 9
+    assert {(p.offset, p.epoch) for p in results} == {(1, results[0].epoch)}
+    assert len((await pair.history.read("r")).messages) == 1
+
+
+async def test_another_key_or_another_room_publishes(backend: Backend) -> None:
+    """A key deduplicates only within its room: another key in the room, or the same key in
+    another room, publishes; publishes without a key are never deduplicated."""
+    pair = await backend.pair(history_size=10)
+    assert (await publish_with_key(pair, "r", 1, "k1")).offset == 1
+    other_key = await publish_with_key(pair, "r", 1, "k2")
+    other_room = await publish_with_key(pair, "s", 1, "k1")
+    assert (other_key.offset, other_key.duplicate) == (2, False)
+    assert (other_room.room, other_room.offset, other_room.duplicate) == ("s", 1, False)
+    assert [(await pair.publish("r", 1)).offset for _ in range(2)] == [3, 4]
+    assert (await pair.history.read("r")).offset == 4
+    assert len((await pair.history.read("s")).messages) == 1
+
+
+async def test_after_the_window_the_key_publishes_again(backend: Backend) -> None:
+    """A retry within the window is a duplicate; once the window has passed, the same key
+    publishes a new message."""
+    pair = await backend.pair()
+    window = 0.2
+    first = await publish_with_key(pair, "r", 1, "k", window=window)
+    passed = time.monotonic() + window
+    assert (await publish_with_key(pair, "r", 1, "k", window=window)).duplicate
+    # The window runs on the real clock (Redis' PX, the memory broker's monotonic clock):
+    # wait it out, bounded by the window and a margin.
+    await asyncio.sleep(max(0.0, passed - time.monotonic()) + 0.05)
+    again = await publish_with_key(pair, "r", 1, "k", window=window)
+    assert (again.offset, again.epoch, again.duplicate) == (2, first.epoch, False)
+    assert (await publish_with_key(pair, "r", 1, "k", window=window)).offset == 2
+
+
+async def test_a_retry_after_the_history_expired_returns_the_first_result_as_is(
+    backend: Backend,
+) -> None:
+    """Within the window, a retry returns the first offset and epoch even though the room's
+    history expired since and it has a new epoch: the message was published then."""
+    pair = await backend.pair(history_ttl=0.2)
+    first = await publish_with_key(pair, "r", 1, "k")
+    await backend.advance(0.3)
+    retry = await publish_with_key(pair, "r", 1, "k")
+    assert (retry.offset, retry.epoch, retry.duplicate) == (1, first.epoch, True)
+    fresh = await pair.publish("r", 2)
+    assert fresh.offset == 1 and fresh.epoch != first.epoch
+
+
+async def test_an_idempotency_window_must_be_positive(backend: Backend) -> None:
+    """A window of 0 or less is refused with ValueError, and nothing is published."""
+    pair = await backend.pair()
+    for window in (0.0, -1.0):
+        with pytest.raises(ValueError):
+            await publish_with_key(pair, "r", 1, "k", window=window)
+    assert (await pair.publish("r", 1)).offset == 1
+
+
+# --- control channel ---------------------------------------------------------------------------
+
+
+async def started_with_control(backend: Backend) -> tuple[Pair, asyncio.Queue[bytes]]:
+    """A started pair whose on_control puts each payload on the returned queue."""
+    pair = await backend.pair(start=False)
+    control: asyncio.Queue[bytes] = asyncio.Queue()
+    await pair.broker.start(pair.deliveries.on_publication, pair.deliveries.on_resubscribed,
+                            on_control=control.put_nowait)
+    assert await pair.broker.wait_connected(WAIT), "broker did not connect"
+    return pair, control
+
+
+async def test_a_control_payload_reaches_the_senders_on_control(backend: Backend) -> None:
+    """publish_control hands each payload, as given and once, to on_control of the sending
+    node (which is one node of the cluster), never to on_publication."""
+    pair, control = await started_with_control(backend)
+    await pair.broker.subscribe("r")
+    await pair.broker.publish_control(b'{"op":"drain"}')
+    await pair.broker.publish_control(b"\x00 raw \n bytes")
+    assert await asyncio.wait_for(control.get(), WAIT) == b'{"op":"drain"}'
+    assert await asyncio.wait_for(control.get(), WAIT) == b"\x00 raw \n bytes"
+    await assert_next_is(pair.deliveries, await pair.publish("r", "marker"))
+    await pair.broker.publish_control(b"last")
+    assert await asyncio.wait_for(control.get(), WAIT) == b"last"  # Nothing came twice.
+
+
+async def test_control_payloads_without_on_control_are_dropped(backend: Backend) -> None:
+    """A node started without on_control ignores control payloads and delivers on."""
+    pair = await backend.pair()
+    await pair.broker.subscribe("r")
+    await pair.broker.publish_control(b"ignored")
+    await assert_next_is(pair.deliveries, await pair.publish("r", "marker"))
+
+
+async def test_publish_control_is_unavailable_until_started_and_after_close(
+    backend: Backend,
+) -> None:
+    """publish_control raises BrokerUnavailable before start and after close."""
+    pair = await backend.pair(start=False)
+    with pytest.raises(BrokerUnavailable):
+        await pair.broker.publish_control(b"x")
+    await pair.start()
+    await pair.broker.publish_control(b"x")
+    await pair.broker.close()
+    with pytest.raises(BrokerUnavailable):
+        await pair.broker.publish_control(b"x")

@@ -11,7 +11,7 @@ import asyncio
 import pytest
 
 from roomcast.backends.broker import BrokerUnavailable
-from tests.contract.factories import WAIT, RedisBackend, assert_next_is, fields
+from tests.contract.factories import WAIT, Pair, RedisBackend, assert_next_is, fields, prefix
 from tests.harness import RedisServer, wait_for
 
 
@@ -73,9 +73,9 @@ async def test_history_written_through_one_node_is_read_on_another(
 async def test_while_redis_is_down_everything_is_unavailable_and_then_delivery_resumes(
     redis_server: RedisServer,
 ) -> None:
-    """With Redis gone, publish, publish_event and history raise BrokerUnavailable; once it is
-    back, the broker resubscribes its rooms, says so, and delivers again (in a new epoch: this
-    Redis lost its data)."""
+    """With Redis gone, publish, publish_event, publish_control and history raise
+    BrokerUnavailable; once it is back, the broker resubscribes its rooms, says so, and
+    delivers again (in a new epoch: this Redis lost its data)."""
     backend = RedisBackend(redis_server.url, redis_retry_max=0.2)
     try:
         pair = await backend.pair()
@@ -91,6 +91,8 @@ async def test_while_redis_is_down_everything_is_unavailable_and_then_delivery_r
             await pair.broker.publish_event("r", b"{}")
         with pytest.raises(BrokerUnavailable):
             await pair.history.read("r")
+        with pytest.raises(BrokerUnavailable):
+            await pair.broker.publish_control(b"x")
 
         redis_server.start()
         assert await pair.broker.wait_connected(WAIT)
@@ -100,3 +102,50 @@ async def test_while_redis_is_down_everything_is_unavailable_and_then_delivery_r
         await assert_next_is(pair.deliveries, after)
     finally:
         await backend.aclose()
+
+
+async def test_an_idempotent_retry_on_another_node_is_a_duplicate(
+    redis_backend: RedisBackend,
+) -> None:
+    """The idempotency key lives in Redis: a retry through another node returns the first
+    node's offset and epoch and publishes nothing to the room's subscribers."""
+    a, b = await redis_backend.pair(), await redis_backend.pair()
+    await a.broker.subscribe("r")
+    first = await a.broker.publish("r", prefix("r", 1), "c1", idempotency_key="k")
+    retry = await b.broker.publish("r", prefix("r", 1), "c9", idempotency_key="k")
+    assert (retry.offset, retry.epoch, retry.duplicate) == (first.offset, first.epoch, True)
+    await assert_next_is(a.deliveries, first)
+    await assert_next_is(a.deliveries, await b.publish("r", "marker"))
+
+
+async def with_control(backend: RedisBackend) -> tuple[Pair, asyncio.Queue[bytes]]:
+    """A started pair whose on_control puts each payload on the returned queue."""
+    pair = await backend.pair(start=False)
+    control: asyncio.Queue[bytes] = asyncio.Queue()
+    await pair.broker.start(pair.deliveries.on_publication, on_control=control.put_nowait)
+    assert await pair.broker.wait_connected(WAIT), "broker did not connect"
+    return pair, control
+
+
+async def test_a_control_payload_reaches_every_node_of_the_cluster_once(
+    redis_backend: RedisBackend, contract_redis: RedisServer,
+) -> None:
+    """publish_control on one node reaches on_control of every node on the prefix, the sender
+    included, once each; a cluster on another prefix of the same Redis gets none of it."""
+    (a, a_control), (b, b_control) = (await with_control(redis_backend),
+                                      await with_control(redis_backend))
+    other_cluster = RedisBackend(contract_redis.url)
+    try:
+        c, c_control = await with_control(other_cluster)
+        await a.broker.publish_control(b"from a")
+        await b.broker.publish_control(b"from b")
+        for queue in (a_control, b_control):
+            got = [await asyncio.wait_for(queue.get(), WAIT) for _ in range(2)]
+            assert sorted(got) == [b"from a", b"from b"]
+        await c.broker.publish_control(b"from c")
+        assert await asyncio.wait_for(c_control.get(), WAIT) == b"from c"
+        await a.broker.publish_control(b"barrier")
+        for queue in (a_control, b_control):  # Nothing came twice, nothing came from c.
+            assert await asyncio.wait_for(queue.get(), WAIT) == b"barrier"
+    finally:
+        await other_cluster.aclose()

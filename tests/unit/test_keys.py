@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import inspect
 import re
 
@@ -21,14 +22,16 @@ prefixes = st.text(alphabet="abcdefghijklmnopqrstuvwxyz0123456789_:-", min_size=
 #: User ids are printable and may hold spaces (and braces: their key is touched alone).
 user_ids = st.text(alphabet="abcdefghijklmnopqrstuvwxyzAB0123456789 _.:@-", min_size=1,
                    max_size=40)
+#: Idempotency keys are any client string up to 128 characters, braces and spaces included.
+idempotency_keys = st.text(min_size=1, max_size=128)
 
 
-def room_keys(keys: Keys, room: str, node_id: str = "n1") -> list[str]:
+def room_keys(keys: Keys, room: str, node_id: str = "n1", key: str = "k") -> list[str]:
     """Every name of one room (the room's slot)."""
     return [
         keys.channel(room), keys.meta(room), keys.stream(room), keys.presence(room, node_id),
         keys.presence_nodes(room), keys.nicks(room), keys.users(room), keys.leaves(room),
-        keys.leave_names(room),
+        keys.leave_names(room), keys.idempotency(room, key),
     ]
 
 
@@ -52,6 +55,7 @@ def test_default_names_match_the_documented_layout() -> None:
         "roomcast:ch:{lobby}", "roomcast:meta:{lobby}", "roomcast:hist:{lobby}",
         "roomcast:pres:{lobby}:n1", "roomcast:presnodes:{lobby}", "roomcast:nicks:{lobby}",
         "roomcast:users:{lobby}", "roomcast:leaves:{lobby}", "roomcast:leavenames:{lobby}",
+        "roomcast:idem:{lobby}:" + hashlib.sha256(b"k").hexdigest(),
     ]
     assert node_keys(keys) == [
         "roomcast:control", "roomcast:nodes", "roomcast:node:n1", "roomcast:noderooms:n1",
@@ -72,7 +76,7 @@ def test_every_name_method_is_covered_here() -> None:
     for name in builders:
         method = getattr(keys, name)
         params = list(inspect.signature(method).parameters)
-        values = {"room": "r", "node_id": "n", "user_id": "u"}
+        values = {"room": "r", "node_id": "n", "user_id": "u", "key": "k"}
         assert method(*(values[p] for p in params)) in built, name
 
 
@@ -87,6 +91,21 @@ def test_every_room_key_has_the_prefix_and_the_room_as_its_only_hash_tag(
         assert re.findall(r"\{([^}]*)\}", key) == [room]
         # The tag is the first {...} of the key: nothing before it may open a brace.
         assert key.index("{") == key.index("{" + room + "}")
+
+
+@FUZZ
+@given(prefix=prefixes, room=room_names, key=idempotency_keys, other=idempotency_keys)
+def test_an_idempotency_key_keeps_the_room_as_the_only_hash_tag(
+    prefix: str, room: str, key: str, other: str
+) -> None:
+    """Whatever a client's idempotency key holds (braces, spaces, 128 characters), its name
+    carries the room as its only tag, is short, and differs from another key's."""
+    name = Keys(prefix).idempotency(room, key)
+    assert re.findall(r"\{([^}]*)\}", name) == [room]
+    assert name.index("{") == name.index("{" + room + "}")
+    assert len(name) == len(prefix) + len(room) + len(":idem:{}:") + 64
+    if other != key:
+        assert Keys(prefix).idempotency(room, other) != name
 
 
 @FUZZ

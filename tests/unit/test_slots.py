@@ -238,11 +238,13 @@ class Monitor:
 
 
 def every_name(keys: Keys, rooms: set[str], nodes: set[str],
-               users: frozenset[str] | set[str] = frozenset()) -> set[str]:
-    """Every name that keys.py builds for these rooms, nodes and users: any other name in Redis
-    would have been formatted somewhere else."""
+               users: frozenset[str] | set[str] = frozenset(),
+               idempotency_keys: frozenset[str] | set[str] = frozenset()) -> set[str]:
+    """Every name that keys.py builds for these rooms, nodes, users and idempotency keys: any
+    other name in Redis would have been formatted somewhere else."""
     names: set[str] = set()
-    values = {"room": sorted(rooms), "node_id": sorted(nodes), "user_id": sorted(users)}
+    values = {"room": sorted(rooms), "node_id": sorted(nodes), "user_id": sorted(users),
+              "key": sorted(idempotency_keys)}
     for attr, _ in inspect.getmembers(Keys, inspect.isfunction):
         method = getattr(keys, attr)
         params = list(inspect.signature(method).parameters)
@@ -291,6 +293,8 @@ class Scenario:
     rooms: set[str] = field(default_factory=lambda: {"lobby", "attic:2"})
     nodes: set[str] = field(default_factory=lambda: {"n1", "n2", "n3"})
     users: set[str] = field(default_factory=lambda: {"ann", "cat"})
+    #: Idempotency keys of publishes; braces in one, which must not move it out of the room.
+    idempotency_keys: set[str] = field(default_factory=lambda: {"send-1 {attic:2}"})
 
 
 async def run_scenario(url: str, flush: bool = True) -> Scenario:
@@ -396,7 +400,7 @@ async def run_scenario(url: str, flush: bool = True) -> Scenario:
         assert await n3.members("lobby") == []
         assert await n3.stats() == {"nodes": {}, "rooms": {}}
 
-        await publish_round_trip(url, keys, client)
+        await publish_round_trip(url, keys, client, next(iter(scenario.idempotency_keys)))
     finally:
         for store in (n1, n2):
             await store.close()
@@ -406,8 +410,9 @@ async def run_scenario(url: str, flush: bool = True) -> Scenario:
     return scenario
 
 
-async def publish_round_trip(url: str, keys: Keys, client: Any) -> None:
-    """A message published by one broker reaches the room's subscriber and history."""
+async def publish_round_trip(url: str, keys: Keys, client: Any, idempotency_key: str) -> None:
+    """A message published by one broker reaches the room's subscriber and history; published
+    again with an idempotency key and retried, it is stored once."""
     config = Config(redis_url=url, redis_prefix=keys.prefix, node_id="n1")
     broker = RedisBroker(client(), keys, config)
     history = RedisHistory(client(), keys)
@@ -422,6 +427,10 @@ async def publish_round_trip(url: str, keys: Keys, client: Any) -> None:
         assert (received.offset, received.payload) == (1, sent.payload)
         result = await history.read("lobby")
         assert (result.offset, result.epoch, result.messages) == (1, sent.epoch, [sent.payload])
+        first = await broker.publish("lobby", prefix, "c1", idempotency_key, window=60.0)
+        retry = await broker.publish("lobby", prefix, "c1", idempotency_key, window=60.0)
+        assert (first.offset, first.duplicate, retry.offset, retry.duplicate) == (2, False, 2, True)
+        assert (await history.read("lobby")).offset == 2
     finally:
         await broker.close()
 
@@ -483,6 +492,8 @@ async def test_every_script_call_stays_in_one_slot(observed: Observed) -> None:
     for call in observed.calls:
         assert call.keys, call
         assert len({key_slot(key) for key in call.keys}) == 1, call
+    # publish.lua's optional KEYS[3], an idempotency key, was among them.
+    assert any(call.script == "publish" and len(call.keys) == 3 for call in observed.calls)
 
 
 async def test_scripts_touch_only_the_keys_they_declare(observed: Observed) -> None:
@@ -517,7 +528,7 @@ async def test_keys_py_is_the_only_place_names_are_made(observed: Observed) -> N
     handed the bare prefix to build names from."""
     keys = observed.scenario.keys
     known = every_name(keys, observed.scenario.rooms, observed.scenario.nodes,
-                       observed.scenario.users)
+                       observed.scenario.users, observed.scenario.idempotency_keys)
     touched = {key for command in observed.commands for key in command.keys}
     touched |= {key for call in observed.calls for key in call.keys}
     assert touched, "nothing recorded"

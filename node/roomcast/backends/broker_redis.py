@@ -5,7 +5,9 @@ assigns the offset, appends to the stream and publishes in one atomic step, so t
 and live order cannot disagree. When Redis goes away the reader logs it, retries with capped
 exponential backoff and full jitter, resubscribes every room once Redis is back and tells the node
 (``on_resubscribed``), which refills from history what was published in between. Publishes in
-between raise BrokerUnavailable (never a silent drop).
+between raise BrokerUnavailable (never a silent drop). An idempotent publish checks and records
+its key (``keys.idempotency``, in the room's slot) inside the same script. Control payloads go to
+every node over the node-wide ``keys.control()`` channel, which every reader subscribes first.
 
 Health (redis_common.RedisHealth): a write probe every second on a connection of its own (SET of
 the node's probe key, with an expiry) tells readiness whether Redis is reachable and writable;
@@ -31,10 +33,13 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from roomcast import clock
 from roomcast.backends.broker import (
+    IDEMPOTENCY_WINDOW,
     BrokerUnavailable,
+    OnControl,
     OnPublication,
     OnResubscribed,
     Publication,
+    idempotency_window_ms,
 )
 from roomcast.backends.history import Retention, new_epoch
 from roomcast.backends.keys import Keys
@@ -148,6 +153,7 @@ class RedisBroker:
         self._limit_check: asyncio.Task[None] | None = None
         self._on_publication: OnPublication | None = None
         self._on_resubscribed: OnResubscribed | None = None
+        self._on_control: OnControl | None = None
         self.health.watch_connection(self._connected.is_set)
 
     @property
@@ -155,10 +161,12 @@ class RedisBroker:
         return self._connected.is_set()
 
     async def start(
-        self, on_publication: OnPublication, on_resubscribed: OnResubscribed | None = None
+        self, on_publication: OnPublication, on_resubscribed: OnResubscribed | None = None,
+        on_control: OnControl | None = None,
     ) -> None:
         self._on_publication = on_publication
         self._on_resubscribed = on_resubscribed
+        self._on_control = on_control
         self._reader = asyncio.create_task(self._read_forever(), name="redis-pubsub-reader")
         self._prober = asyncio.create_task(self._probe_forever(), name="redis-probe")
 
@@ -275,7 +283,10 @@ class RedisBroker:
             if kind == "pong":
                 continue
             channel = as_str(message["channel"])
-            if kind == "message":
+            if kind == "message" and channel == control:
+                if self._on_control is not None:
+                    self._on_control(message["data"])
+            elif kind == "message":
                 if self._on_publication is not None:
                     try:
                         publication = parse_frame(room_of(channel), message["data"])
@@ -359,23 +370,37 @@ class RedisBroker:
     # --- publishing -------------------------------------------------------------------------
 
     @unavailable_on_redis_error
-    async def publish(self, room: str, prefix: bytes, origin: str) -> Publication:
+    async def publish(
+        self, room: str, prefix: bytes, origin: str, idempotency_key: str | None = None,
+        window: float = IDEMPOTENCY_WINDOW,
+    ) -> Publication:
         if not self._connected.is_set():
             raise BrokerUnavailable("redis is unavailable")
         size, ttl = self._retention(room)
-        offset, epoch = await self._publish_script(
-            keys=[self._keys.meta(room), self._keys.stream(room)],
-            args=[
-                self._keys.channel(room), prefix, origin, size, int(ttl * 1000), new_epoch(),
-                clock.now_us(),
-            ],
-        )
-        epoch = as_str(epoch)
-        return Publication(room, finish_message(prefix, int(offset), epoch), int(offset), epoch,
-                           origin)
+        keys = [self._keys.meta(room), self._keys.stream(room)]
+        args: list[bytes | str | int] = [
+            self._keys.channel(room), prefix, origin, size, int(ttl * 1000), new_epoch(),
+            clock.now_us(),
+        ]
+        if idempotency_key is not None:
+            # KEYS[3] carries the room's hash tag: the check, the publish and the record are
+            # one script in the room's slot (see lua/publish.lua).
+            keys.append(self._keys.idempotency(room, idempotency_key))
+            args.append(idempotency_window_ms(window))
+        offset, epoch, duplicate = await self._publish_script(keys=keys, args=args)
+        offset, epoch = int(offset), as_str(epoch)
+        if duplicate:
+            return Publication(room, b"", offset, epoch, origin, 0, duplicate=True)
+        return Publication(room, finish_message(prefix, offset, epoch), offset, epoch, origin)
 
     @unavailable_on_redis_error
     async def publish_event(self, room: str, payload: bytes, origin: str = "") -> None:
         if not self._connected.is_set():
             raise BrokerUnavailable("redis is unavailable")
         await self._redis.publish(self._keys.channel(room), event_frame(payload, origin))
+
+    @unavailable_on_redis_error
+    async def publish_control(self, payload: bytes) -> None:
+        if not self._connected.is_set():
+            raise BrokerUnavailable("redis is unavailable")
+        await self._redis.publish(self._keys.control(), payload)

@@ -15,6 +15,7 @@ Expiry (presence_redis.py): every presence key of a room (``pres``, ``presnodes`
 with a floor) that the nodes with entries there refresh; ``node:<node>`` lives two leases. Only
 ``nodes`` and ``leaverooms`` have none: each names what another node reaps or announces.
 ``uconns:{user}`` lives USER_CONNS_TTL (presence_redis.py) past its user's last open or close.
+``idem:{room}:<hash>`` lives the publish's idempotency window (lua/publish.lua sets it with PX).
 
 =========================  ==========================================  ==================
 name                       what                                        slot
@@ -28,6 +29,8 @@ name                       what                                        slot
 ``nicks:{room}``           hash nick -> ``node conn owner``            the room's
 ``leaves:{room}``          zset user_id -> user_left deadline          the room's
 ``leavenames:{room}``      hash user_id -> username, beside leaves     the room's
+``idem:{room}:<hash>``     string ``offset epoch`` of the publish      the room's
+                           made with one idempotency key (sha256 hex)
 ``uconns:{user}``          hash conn_id -> node_id: the user's open    the user's
                            connections in the cluster
 ``control``                node-wide pub/sub channel                   (a channel)
@@ -40,6 +43,7 @@ name                       what                                        slot
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 
 
@@ -85,6 +89,14 @@ class Keys:
     def leave_names(self, room: str) -> str:
         """Hash user_id -> username of each pending leave in leaves(room)."""
         return f"{self.prefix}:leavenames:{{{room}}}"
+
+    def idempotency(self, room: str, key: str) -> str:
+        """String ``<offset> <epoch>`` of the message first published to the room with the
+        client's idempotency ``key`` (lua/publish.lua). The key is hashed (SHA-256, hex): a
+        client string of any characters and length becomes a short name after the room's tag,
+        so it can never move the name out of the room's slot nor into another concept's."""
+        digest = hashlib.sha256(key.encode()).hexdigest()
+        return f"{self.prefix}:idem:{{{room}}}:{digest}"
 
     def room_of_channel(self, channel: str) -> str:
         """Inverse of channel(): the room of a ``<prefix>:ch:{room}`` channel name."""
