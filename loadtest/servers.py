@@ -148,7 +148,7 @@ def start_node(
 ) -> ServerProcess:
     def argv(port: int) -> list[str]:
         cmd = [sys.executable, "-m", "roomcast", "node", "--host", "127.0.0.1", "--port", str(port),
-               "--node-id", f"bench-node-{index}", *NODE_FLAGS]
+               "--api-port", "0", "--node-id", f"bench-node-{index}", *NODE_FLAGS]
         if redis_url:
             cmd += ["--redis-url", redis_url, "--redis-prefix", prefix]
         return cmd + extra

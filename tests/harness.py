@@ -123,6 +123,7 @@ class NodeProcess:
         self.node_id = node_id
         self.faults = list(faults)
         self.port = 0
+        self.api_port = 0
         self.proc: subprocess.Popen[str] | None = None
         self.lines: list[dict[str, Any]] = []
         self._reader: threading.Thread | None = None
@@ -131,7 +132,7 @@ class NodeProcess:
     def command(self) -> list[str]:
         launcher = ["tests.faults", *self.faults, "--"] if self.faults else ["roomcast", "node"]
         cmd = [sys.executable, "-m", *launcher, "--host", "127.0.0.1", "--port", "0",
-               "--log-format", "json", "--log-level", "info", *self.args]
+               "--api-port", "0", "--log-format", "json", "--log-level", "info", *self.args]
         if self.redis_url:
             cmd += ["--redis-url", self.redis_url]
         if self.node_id:
@@ -163,6 +164,7 @@ class NodeProcess:
             self.lines.append(line)
             if line.get("event") == "node started":
                 self.port = int(line["port"])
+                self.api_port = int(line["api_port"])
                 self.node_id = line.get("node_id", self.node_id)
                 self._started.set()
 
@@ -175,6 +177,11 @@ class NodeProcess:
     @property
     def http(self) -> str:
         return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def api(self) -> str:
+        """The internal port: server API, /livez, /readyz, /metrics, /admin/drain."""
+        return f"http://127.0.0.1:{self.api_port}"
 
     def ws(self, path: str = "/ws") -> str:
         return f"ws://127.0.0.1:{self.port}{path}"

@@ -153,7 +153,7 @@ def test_only_public_http_routes_are_exposed(cluster: LocalCluster) -> None:
         assert status == 200
         assert json.loads(body)["node_id"] in {n.node_id for n in cluster.nodes}
         assert http(f"{base}/healthz", context=context)[0] == 200
-    assert http(f"{cluster.nodes[0].http_url}/metrics")[0] == 200  # The node itself serves it.
+    assert http(f"{cluster.nodes[0].api_url}/metrics")[0] == 200  # The internal port has it.
 
 
 async def test_wss_with_the_dev_ca(cluster: LocalCluster) -> None:
@@ -315,14 +315,14 @@ def test_drain_command(start_node: Callable[..., NodeProcess],
     node = start_node(None, "--admin-token", "s3cret", "--drain-delay", "0", "--drain-window",
                       "0")
     parser = build_parser()
-    wrong = parser.parse_args(["drain", node.http, "--token", "wrong"])
+    wrong = parser.parse_args(["drain", node.api, "--token", "wrong"])
     assert wrong.func(wrong) == 1
     out, err = capsys.readouterr()
     assert out == ""
-    assert err == (f"roomcast drain: {node.http}/admin/drain: HTTP 401 Unauthorized: "
+    assert err == (f"roomcast drain: {node.api}/admin/drain: HTTP 401 Unauthorized: "
                    "missing or wrong bearer token\n")
 
-    right = parser.parse_args(["drain", node.http, "--token", "s3cret"])
+    right = parser.parse_args(["drain", node.api, "--token", "s3cret"])
     assert right.func(right) == 0
     out, err = capsys.readouterr()
     assert json.loads(out) == {"status": "draining", "node_id": node.node_id}

@@ -124,7 +124,7 @@ async def test_admin_drain_needs_the_token(start_node: Callable[..., NodeProcess
                       "--drain-window", "0.2")
 
     def post(token: str) -> int:
-        request = urllib.request.Request(f"{node.http}/admin/drain", method="POST",
+        request = urllib.request.Request(f"{node.api}/admin/drain", method="POST",
                                          headers={"Authorization": f"Bearer {token}"})
         try:
             with urllib.request.urlopen(request, timeout=5) as reply:

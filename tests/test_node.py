@@ -142,7 +142,7 @@ async def test_oversized_frame_closes_with_1009(start_node: Callable[..., NodePr
     assert await big.closed() == 1009
     assert (await other.request({"type": "ping", "id": 1}))["type"] == "pong"
     await wait_for(lambda: b'roomcast_closes_total{code="1009"} 1.0' in http_get(
-        f"{node.http}/metrics")[1], timeout=10, what="the 1009 close counted as sent")
+        f"{node.api}/metrics")[1], timeout=10, what="the 1009 close counted as sent")
 
 
 async def test_rate_limit_then_flood_close(start_node: Callable[..., NodeProcess]) -> None:
@@ -223,12 +223,13 @@ async def test_dead_peer_is_dropped_by_keepalive(start_node: Callable[..., NodeP
 
 
 def test_http_routes(node: NodeProcess) -> None:
-    """The HTTP endpoints answer: page, health, readiness, metrics, stats, members, 404."""
+    """The client port answers page, health, readiness, stats, members and 404; metrics are on
+    the internal port only."""
     status, body, ctype = http_get(f"{node.http}/")
     assert status == 200 and ctype.startswith("text/html") and b"/ws/chat/" in body
     assert http_json(f"{node.http}/healthz")["status"] == "ok"
     assert http_json(f"{node.http}/readyz")["status"] == "ready"
-    status, body, _ = http_get(f"{node.http}/metrics")
+    status, body, _ = http_get(f"{node.api}/metrics")
     assert status == 200 and b"roomcast_connections" in body
     assert b"roomcast_fanout_latency_seconds_bucket" in body
     stats = http_json(f"{node.http}/api/stats")
@@ -236,6 +237,7 @@ def test_http_routes(node: NodeProcess) -> None:
     members = http_json(f"{node.http}/api/rooms/general/members")
     assert members == {"room": "general", "members": [], "count": 0}
     assert http_get(f"{node.http}/nope")[0] == 404
+    assert http_get(f"{node.http}/metrics")[0] == 404
     assert http_get(f"{node.http}/api/rooms/bad%20room/members")[0] == 404
 
 
@@ -246,8 +248,9 @@ async def test_stats_and_members_show_connections(node: NodeProcess) -> None:
     stats = http_json(f"{node.http}/api/stats")
     assert stats["connections"] == 1 and stats["rooms"] == {"general": 1}
     members = http_json(f"{node.http}/api/rooms/general/members")
-    assert members["count"] == 1 and members["members"][0]["username"] == "Alice"
-    assert members["members"][0]["node_id"] == node.node_id
+    assert members["count"] == 1
+    # Who, not where: no connection or node ids on the public port.
+    assert members["members"] == [{"user_id": "alice", "username": "Alice"}]
 
 
 async def test_public_rest_shows_only_rooms_anyone_may_join(
@@ -327,7 +330,7 @@ async def test_slow_consumer_is_closed_and_others_get_everything(
     while received < sent:
         await fast.expect("message", timeout=10)
         received += 1
-    _, body, _ = http_get(f"{node.http}/metrics")
+    _, body, _ = http_get(f"{node.api}/metrics")
     assert b'roomcast_errors_total{code="slow_consumer"} 1.0' in body
     slow.ws.transport.resume_reading()
     code = await slow.closed(timeout=15)

@@ -45,7 +45,7 @@ def http(url: str) -> tuple[int, dict[str, Any]]:
 
 def redis_errors(node: NodeProcess) -> dict[str, float]:
     """roomcast_redis_errors_total by kind, from the node's /metrics."""
-    with urllib.request.urlopen(f"{node.http}/metrics", timeout=5) as reply:
+    with urllib.request.urlopen(f"{node.api}/metrics", timeout=5) as reply:
         text = reply.read().decode()
     return {kind: float(value) for kind, value in re.findall(
         r'^roomcast_redis_errors_total\{kind="(\w+)"\} (\S+)$', text, re.MULTILINE)}

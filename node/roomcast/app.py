@@ -22,7 +22,9 @@ from roomcast.protocol import dialects
 from roomcast.protocol.closecodes import CloseCode
 from roomcast.service.auth import Authenticator
 from roomcast.service.rooms import Rooms
+from roomcast.service.server import ApiKeys, ServerActions
 from roomcast.service.service import Service
+from roomcast.transports.api import ApiServer
 from roomcast.transports.drain import close_now, close_paced
 from roomcast.transports.http import HttpRoutes
 from roomcast.transports.session import Session
@@ -52,8 +54,11 @@ class Node:
         self.websocket = WebSocketEndpoint(config, self.service, self.writer, self.metrics,
                                            self.auth)
         self.http = HttpRoutes(config, self.service, self.metrics, self, self.websocket)
+        self.api = ApiServer(config, ServerActions(self.service), ApiKeys(config), self.metrics,
+                             self.http)
         self.server: Server | None = None
         self.port = 0
+        self.api_port = 0
         self._accepting = False
         self._stopped = asyncio.Event()
         self._drain_task: asyncio.Task[None] | None = None
@@ -96,13 +101,14 @@ class Node:
         )
         sockname = next(iter(self.server.sockets)).getsockname()
         self.port = sockname[1]
+        self.api_port = await self.api.start()
         self._accepting = True
         self.metrics.ready.set(1)
         self.metrics.broker_up.set_function(
             lambda: 1.0 if self.service.broker.available else 0.0)
         log.info(
-            "node started", host=cfg.host, port=self.port,
-            url=f"http://{cfg.host}:{self.port}/",
+            "node started", host=cfg.host, port=self.port, api_host=cfg.api_host,
+            api_port=self.api_port, url=f"http://{cfg.host}:{self.port}/",
             mode="cluster" if cfg.clustered else "embedded",
         )
 
@@ -177,6 +183,7 @@ class Node:
         except TimeoutError:
             log.warning("backends did not close in time; exiting anyway",
                         seconds=self.config.close_timeout * 2)
+        await self.api.close()
         await self.auth.close()
         log.info("node stopped")
         self._stopped.set()

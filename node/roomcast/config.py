@@ -179,6 +179,37 @@ class Config:
         1.0, "Seconds between two typing events relayed for one connection and room; typing "
         "frames in between are dropped, not counted as flooding."
     )
+    # The server API on the internal port (docs/API.md).
+    api_host: str = _opt(
+        "127.0.0.1", "Address of the internal port (server API, /livez, /readyz, /metrics, "
+        "admin): the pod's or loopback address, never one the balancer exposes."
+    )
+    api_port: int = _opt(9000, "Internal port; 0 picks a free one (logged on start).")
+    api_key: tuple[str, ...] = _opt(
+        (), "Comma-separated keys of the server API (several valid at once: rotation); none "
+        "and no --api-key-file = the API is off (404)."
+    )
+    api_key_file: str | None = _opt(
+        None, "File of server API keys, one per line, every one valid; re-read when it changes."
+    )
+    api_max_body: int = _opt(1048576, "Largest server API request body, bytes; larger: 413.")
+    api_max_batch: int = _opt(100, "Most commands in one server API batch.")
+    api_rate: float = _opt(
+        1000.0, "Server API requests per second one key may make (token bucket of twice "
+        "that); past it: 429 with Retry-After."
+    )
+    api_timeout: float = _opt(
+        10.0, "Seconds a server API client has to send a whole request (slow clients are "
+        "dropped) and the API has to answer one."
+    )
+    idempotency_window: float = _opt(
+        300.0, "Seconds a publish's idempotency_key is remembered per room: a retry within it "
+        "returns the first result and publishes nothing."
+    )
+    public_rest: bool = _opt(
+        True, "Serve GET /api/stats and GET /api/rooms/{room}/members on the client port (the "
+        "FastAPI tutorial's REST endpoints, cached for a second)."
+    )
     # Drain and operations.
     drain_delay: float = _opt(5.0, "Seconds between readiness off and the first 1012 close.")
     drain_window: float = _opt(10.0, "Seconds over which connections are closed in batches.")
@@ -236,13 +267,17 @@ class Config:
             ("jwks_url", self.jwks_url is None or self.jwks_url.startswith(
                 ("https://", "http://")), "must be an http:// or https:// URL"),
             ("handshake_burst", self.handshake_burst >= 1, "must be at least 1"),
+            ("api_port", 0 <= self.api_port <= 65535, "must be from 0 to 65535"),
+            ("api_max_body", self.api_max_body >= 1024, "must be at least 1024 bytes"),
+            ("api_max_batch", self.api_max_batch >= 1, "must be at least 1"),
         ]
         for name in ("max_connections", "max_connections_per_address",
                      "max_connections_per_user"):
             rules.append((name, getattr(self, name) >= 0, "must be 0 (no limit) or more"))
         # NaN passes every comparison's negation, so finiteness is checked first.
         positive = ("rate_limit", "node_lease_ttl", "redis_timeout", "redis_connect_timeout",
-                    "redis_retry_max", "close_timeout", "idle_room_ttl", "auth_timeout")
+                    "redis_retry_max", "close_timeout", "idle_room_ttl", "auth_timeout",
+                    "api_rate", "api_timeout", "idempotency_window")
         non_negative = ("ping_interval", "ping_timeout", "unsubscribe_linger",
                         "presence_grace", "history_ttl", "drain_delay", "drain_window",
                         "jwt_leeway", "refresh_grace", "handshake_rate", "typing_interval")

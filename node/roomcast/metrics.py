@@ -79,6 +79,17 @@ class Metrics:
             "Tokens refused (handshake, connect frame, refresh, room token), by reason: invalid, "
             "expired, unavailable", ["reason"], registry=r,
         )
+        self.api_requests = Counter(
+            "roomcast_api_requests",
+            "Server API requests answered, by method (other: unknown) and HTTP status",
+            ["method", "status"], registry=r,
+        )
+        self.http_refused = Counter(
+            "roomcast_http_refused",
+            "Plain HTTP requests on the client port answered with a 4xx before anything was "
+            "served (405 method, 413 body, 400 malformed, 431 headers too large), by status",
+            ["status"], registry=r,
+        )
         self.presence_reannounced = Counter(
             "roomcast_presence_reannounced",
             "Users announced again with user_joined after the cluster had counted them gone",

@@ -343,9 +343,10 @@ def joined(room: str, request_id: Any = None, **extra: Any) -> bytes:
     return _with_id({"type": "joined", "room": room, **extra}, request_id)
 
 
-def revoked(room: str) -> bytes:
-    """The connection was taken out of ``room``: after a refresh, its rights no longer admit it."""
-    return orjson.dumps({"type": "left", "room": room, "reason": "forbidden"})
+def revoked(room: str, reason: str = "forbidden") -> bytes:
+    """The connection was taken out of ``room``: after a refresh its rights no longer admit it
+    (``forbidden``), or the server API unsubscribed its user (``unsubscribed``)."""
+    return orjson.dumps({"type": "left", "room": room, "reason": reason})
 
 
 def left(room: str, request_id: Any = None) -> bytes:

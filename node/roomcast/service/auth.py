@@ -142,10 +142,10 @@ class Authenticator:
 
     def __init__(self, config: Config, *, clock: Clock = monotonic) -> None:
         self._config = config
-        self._secret_file = (_KeyFile(config.jwt_secret_file, "--jwt-secret-file",
-                                      _parse_secrets, clock)
+        self._secret_file = (KeyFile(config.jwt_secret_file, "--jwt-secret-file",
+                                      parse_secrets, clock)
                              if config.jwt_secret_file else None)
-        self._pem_file = (_KeyFile(config.jwt_public_key, "--jwt-public-key", _parse_pem, clock)
+        self._pem_file = (KeyFile(config.jwt_public_key, "--jwt-public-key", _parse_pem, clock)
                           if config.jwt_public_key else None)
         self._jwks = _Jwks(config.jwks_url, clock) if config.jwks_url else None
         require = ["sub", "exp"]
@@ -369,7 +369,7 @@ def _fits(key: PublicKey, alg: str) -> bool:
 # --- key files ------------------------------------------------------------------------------
 
 
-class _KeyFile(Generic[K]):
+class KeyFile(Generic[K]):
     """The keys of one file, read again when its mtime (or size, or inode: a Kubernetes secret
     is swapped by a symlink) changes, looked at no more than once per FILE_CHECK_INTERVAL."""
 
@@ -429,7 +429,7 @@ def _file_stamp(st: os.stat_result) -> tuple[int, int, int]:
     return (st.st_mtime_ns, st.st_size, st.st_ino)
 
 
-def _parse_secrets(data: bytes, flag: str, path: str) -> list[str]:
+def parse_secrets(data: bytes, flag: str, path: str) -> list[str]:
     """Every non-empty line (stripped), each at least MIN_SECRET_LENGTH characters."""
     try:
         lines = [line.strip() for line in data.decode("utf-8").splitlines()]

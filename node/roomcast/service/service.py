@@ -34,7 +34,7 @@ from roomcast.metrics import Metrics
 from roomcast.namespaces import Namespace, Namespaces, default_namespace
 from roomcast.protocol import envelopes
 from roomcast.protocol.closecodes import CloseCode
-from roomcast.protocol.dialects import clean_nick
+from roomcast.protocol.dialects import NATIVE, clean_nick
 from roomcast.protocol.envelopes import ErrorCode, ProtocolError, Since
 from roomcast.service import recovery
 from roomcast.service.connection import Connection
@@ -91,7 +91,7 @@ class Service:
         self._rejoining: set[tuple[str, str]] = set()
         #: The origin of those announcements, so that this node knows its own.
         self._rejoin_origin = f"rejoin:{self.node_id}"
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks: set[asyncio.Task[Any]] = set()
         #: Connections counted towards their user's cluster-wide limit (to uncount them).
         self._counted: set[str] = set()
         #: conn_id -> room -> when a typing event of it was last relayed (--typing-interval);
@@ -103,7 +103,7 @@ class Service:
 
     async def start(self) -> None:
         """Connect the backends; a Redis that is not reachable yet is waited for, briefly."""
-        await self.broker.start(self._deliver, self._resubscribed)
+        await self.broker.start(self._deliver, self._resubscribed, self.control)
         if not await self.broker.wait_connected(self.config.redis_timeout):
             log.warning("starting without redis; publishes fail until it is reachable")
         await self.presence_store.start(self.user_left, self.user_back)
@@ -123,7 +123,7 @@ class Service:
     def _gap(self, room: Room, publication: Publication) -> None:
         recovery.begin_refill(self.rooms, self.history_store, room, publication)
 
-    def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
+    def _spawn(self, work: Coroutine[Any, Any, Any]) -> None:
         task = asyncio.ensure_future(work)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
@@ -242,6 +242,37 @@ class Service:
         if conn.conn_id in self._counted:
             self._counted.discard(conn.conn_id)
             await self.presence_store.close_connection(conn.identity.user_id, conn.conn_id)
+
+    def control(self, payload: bytes) -> None:
+        """The broker's control callback: a cluster-wide action of the server API
+        (service/server.py), applied to this node's connections."""
+        try:
+            action = orjson.loads(payload)
+            op, user = action["op"], str(action["user"])
+        except (orjson.JSONDecodeError, KeyError, TypeError):
+            log.warning("dropped a control message that is not roomcast's")
+            return
+        if op == "disconnect":
+            self.disconnect_user(user, int(action.get("code", CloseCode.DISCONNECTED)),
+                                 str(action.get("reason", "disconnected")))
+        elif op == "unsubscribe":
+            self._spawn(self.unsubscribe_user(user, str(action.get("room", ""))))
+
+    async def unsubscribe_user(self, user_id: str, room: str) -> int:
+        """Take this node's connections of ``user_id`` out of ``room``: a native one is told
+        (left, reason unsubscribed), a chat-dialect one, whose only room it is, is closed with
+        4500. Returns how many."""
+        conns = [c for c in self.connections.values()
+                 if c.identity.user_id == user_id and room in c.rooms]
+        for conn in conns:
+            await self._leave(conn, room)
+            if conn.codec == NATIVE:
+                conn.send(envelopes.revoked(room, "unsubscribed"))
+            else:
+                conn.close(CloseCode.DISCONNECTED, "unsubscribed")
+        if conns:
+            log.info("unsubscribed user", user_id=user_id, room=room, connections=len(conns))
+        return len(conns)
 
     def disconnect_user(self, user_id: str, code: int = CloseCode.DISCONNECTED,
                         reason: str = "disconnected") -> int:

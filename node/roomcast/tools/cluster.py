@@ -6,7 +6,8 @@
 terminal talks to it: ``roomcast cluster restart`` sends ``up`` SIGUSR1 and follows the progress
 that ``up`` writes there. ``LocalCluster`` is the same machinery as a Python API for tests.
 
-``roomcast drain URL`` asks one node to drain (POST /admin/drain with the admin token).
+``roomcast drain URL`` asks one node to drain (POST /admin/drain on its internal port, with the
+admin token).
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ NODE_START_TIMEOUT = 15.0
 READY_TIMEOUT = 10.0
 REDIS_START_TIMEOUT = 10.0
 # Flags `cluster up` sets on every node itself.
-RESERVED_NODE_FLAGS = ("--host", "--port", "--redis-url", "--log-format")
+RESERVED_NODE_FLAGS = ("--host", "--port", "--api-port", "--redis-url", "--log-format")
 
 
 class ClusterError(RuntimeError):
@@ -61,12 +62,18 @@ class NodeInfo:
     pid: int
     log: Path
     port: int = 0
+    #: The internal port: server API, /livez, /readyz, /metrics, /admin/drain.
+    api_port: int = 0
     node_id: str = ""
     proc: subprocess.Popen[bytes] | None = field(default=None, repr=False, compare=False)
 
     @property
     def http_url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def api_url(self) -> str:
+        return f"http://127.0.0.1:{self.api_port}"
 
     @property
     def alive(self) -> bool:
@@ -83,8 +90,8 @@ class NodeInfo:
         return [line for line in lines if event is None or line.get("event") == event]
 
     def to_state(self) -> dict[str, Any]:
-        return {"seq": self.seq, "pid": self.pid, "port": self.port, "node_id": self.node_id,
-                "log": str(self.log), "alive": self.alive}
+        return {"seq": self.seq, "pid": self.pid, "port": self.port, "api_port": self.api_port,
+                "node_id": self.node_id, "log": str(self.log), "alive": self.alive}
 
 
 def node_settings(node_flags: Sequence[str]) -> config_module.Config:
@@ -392,7 +399,8 @@ class LocalCluster:
         command = [
             # -P: a "node" directory in the current directory must not shadow the package.
             sys.executable, "-P", "-m", "roomcast", "node", "--host", "127.0.0.1", "--port", "0",
-            "--redis-url", self.redis_url, "--log-format", "json", "--log-level", "info",
+            "--api-port", "0", "--redis-url", self.redis_url, "--log-format", "json",
+            "--log-level", "info",
             "--trusted-proxies", "127.0.0.1", *LOCAL_DRAIN_FLAGS, *self.node_flags,
         ]
         with log.open("wb") as out:
@@ -412,6 +420,7 @@ class LocalCluster:
             started = info.logged("node started")
             if started:
                 info.port = int(started[0]["port"])
+                info.api_port = int(started[0]["api_port"])
                 info.node_id = str(started[0].get("node_id", f"node-{info.seq}"))
                 return
             if info.proc.poll() is not None:
@@ -504,12 +513,13 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
     drain = sub.add_parser(
         "drain", help="ask one node to drain (POST /admin/drain)",
-        description="POST /admin/drain to one node (its own address, not the balancer's) and "
+        description="POST /admin/drain to one node's internal port (--api-port, never the "
+        "balancer's) and "
         "print its JSON reply. The node must run with --admin-token. Exit 0 when the node "
         "accepted, 1 with a one-line error otherwise.",
     )
-    drain.add_argument("url", metavar="URL", help="the node's http:// address, e.g. "
-                       "http://127.0.0.1:8000")
+    drain.add_argument("url", metavar="URL", help="the node's internal address, e.g. "
+                       "http://127.0.0.1:9000")
     drain.add_argument("--token", help="the node's --admin-token (default: the "
                        "ROOMCAST_ADMIN_TOKEN environment variable)")
     drain.add_argument("--timeout", type=float, default=10.0, metavar="SECONDS",
@@ -655,12 +665,13 @@ def summary(cluster: LocalCluster) -> str:
 
 
 def node_table(cluster: LocalCluster) -> str:
-    rows = [("node", "pid", "port", "log")]
-    rows += [(n.node_id, str(n.pid), str(n.port), str(n.log)) for n in cluster.nodes]
-    widths = [max(len(row[i]) for row in rows) for i in range(3)]
+    rows = [("node", "pid", "port", "api port", "log")]
+    rows += [(n.node_id, str(n.pid), str(n.port), str(n.api_port), str(n.log))
+             for n in cluster.nodes]
+    widths = [max(len(row[i]) for row in rows) for i in range(4)]
     return "\n".join(
         "  " + "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=False))
-        + "  " + row[3]
+        + "  " + row[4]
         for row in rows
     )
 
@@ -724,8 +735,11 @@ def drain_main(args: argparse.Namespace) -> int:
         with urllib.request.urlopen(request, timeout=args.timeout) as reply:
             body = reply.read()
     except urllib.error.HTTPError as exc:
-        detail = " ".join(exc.read().decode(errors="replace").split())[:200]
-        hint = " (the balancer hides /admin/: use the node's own address)" \
+        raw = exc.read().decode(errors="replace")
+        with contextlib.suppress(ValueError, TypeError, KeyError):
+            raw = json.loads(raw)["error"]["message"]  # The internal port's error body.
+        detail = " ".join(str(raw).split())[:200]
+        hint = " (admin is on the node's internal port, --api-port: use that address)" \
             if exc.code == 404 and "admin endpoints are disabled" not in detail else ""
         return _fail("drain", f"{target}: HTTP {exc.code} {exc.reason}: {detail}{hint}")
     except (urllib.error.URLError, OSError) as exc:

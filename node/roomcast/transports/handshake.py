@@ -24,10 +24,13 @@ from __future__ import annotations
 import collections
 import fnmatch
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Final
 from urllib.parse import parse_qs, urlsplit
 
 import structlog
+from websockets.exceptions import SecurityError
+from websockets.http11 import Request
+from websockets.streams import StreamReader
 
 from roomcast.config import Config
 from roomcast.metrics import Metrics
@@ -35,6 +38,13 @@ from roomcast.service.auth import Authenticator, Claims, TokenError
 from roomcast.service.ratelimit import TokenBucket
 
 log = structlog.get_logger("roomcast.handshake")
+
+#: The largest request head (request line and headers) the client port reads; a longer one
+#: gets 431. Browsers send a few KiB; websockets' own limits (8 KiB a line, 128 headers) come
+#: after this one.
+MAX_HEAD = 16384
+REASONS: Final = {400: "Bad Request", 405: "Method Not Allowed", 413: "Content Too Large",
+                  431: "Request Header Fields Too Large"}
 
 #: Addresses whose handshake buckets are kept; the least recently seen go first beyond it, so
 #: that a scan from many addresses costs bounded memory (a forgotten bucket starts full again).
@@ -52,6 +62,14 @@ class Refusal:
     headers: tuple[tuple[str, str], ...] = ()
 
 
+def split_target(target: str) -> tuple[str, str]:
+    """(path, query) of a request target. An origin-form target (RFC 9112 section 3.2.1) is a
+    path, never a URL: ``//api/x`` is the path ``//api/x``, where ``urlsplit`` would read a host
+    ``api`` and the path ``/x`` (how ``//admin/...`` once reached an admin route)."""
+    path, _, query = target.partition("?")
+    return path, query
+
+
 def single(headers: Any, name: str) -> str | None:
     """The one value of header ``name`` (None when absent); ValueError when it is repeated
     (which of two Origin or Authorization headers counts is anyone's guess: refuse)."""
@@ -61,6 +79,52 @@ def single(headers: Any, name: str) -> str | None:
     return str(values[0]) if values else None
 
 
+def screen_head(head: bytes) -> tuple[int, str] | None:
+    """Whether a client-port request head (everything up to and including the blank line) may
+    go on to the WebSocket library: None, or the (status, reason text) to answer instead.
+
+    python-websockets parses the head with ``Request.parse`` and, for anything it cannot take
+    (a body, a chunked body, a malformed line), drops the TCP connection without an answer,
+    which a proxy counts as a failed node. The same parser runs here first, so a request passes
+    exactly when the library would take it, and every other one gets a clean 4xx: 405 for a
+    method other than GET with a body, 413 for a GET with a body, 431 for too large a head, 400
+    for the rest. Requests without a body but with another method pass (the routes answer
+    405).
+    """
+    if len(head) > MAX_HEAD:
+        return 431, f"the request head is larger than {MAX_HEAD} bytes"
+    reader = StreamReader()
+    reader.feed_data(head)
+    reader.feed_eof()
+    parser = Request.parse(reader.read_line)
+    try:
+        while True:
+            next(parser)
+    except StopIteration:
+        return None
+    except SecurityError:  # A line or the header count over the library's own limits.
+        return 431, "a request header line is too long, or there are too many"
+    except (ValueError, NotImplementedError) as exc:
+        method = head.split(b" ", 1)[0]
+        if "body" in str(exc) or isinstance(exc, NotImplementedError):
+            if method != b"GET":
+                return 405, "only GET is served on this port (the server API is internal)"
+            return 413, "requests with a body are not served on this port"
+        return 400, "malformed HTTP request"
+    except (EOFError, UnicodeDecodeError):
+        return 400, "malformed HTTP request"
+
+
+def answer(status: int, text: str) -> bytes:
+    """The raw bytes of a plain-text HTTP answer that closes the connection."""
+    body = text.encode() + b"\n"
+    head = (f"HTTP/1.1 {status} {REASONS.get(status, 'Bad Request')}\r\n"
+            "Content-Type: text/plain; charset=utf-8\r\n"
+            f"Content-Length: {len(body)}\r\nConnection: close\r\nCache-Control: no-store\r\n"
+            + ("Allow: GET\r\n" if status == 405 else "") + "Server: roomcast\r\n\r\n")
+    return head.encode() + body
+
+
 def bearer_token(headers: Any, target: str) -> str | None:
     """The token of a handshake: ``Authorization: Bearer <token>``, else ``?token=``.
     ValueError for a repeated Authorization header."""
@@ -68,7 +132,7 @@ def bearer_token(headers: Any, target: str) -> str | None:
     scheme, _, value = authorization.partition(" ")
     if scheme.lower() == "bearer" and value.strip():
         return value.strip()
-    tokens = parse_qs(urlsplit(target).query).get("token")
+    tokens = parse_qs(split_target(target)[1]).get("token")
     return str(tokens[0]) if tokens and tokens[0] else None
 
 

@@ -1,31 +1,40 @@
-"""Plain HTTP on the WebSocket port, answered in ``process_request`` before any upgrade.
+"""Plain HTTP on the client port, answered in ``process_request`` before any upgrade.
 
-Routes: ``/`` (test page; the tutorial dialect's WebSocket when it is an upgrade), ``/healthz``,
-``/readyz``, ``/metrics``, ``/api/stats``, ``/api/rooms/{room}/members``, and ``/admin/drain``.
-WebSocket upgrades go through ``WebSocketEndpoint.handshake`` (transports/handshake.py lists
-every refusal and its status).
+Routes (GET only): ``/`` (the demo page; the tutorial dialect's WebSocket when it is an
+upgrade), ``/healthz``, ``/readyz``, and, unless ``--public-rest false``, ``/api/stats`` and
+``/api/rooms/{room}/members``. Metrics, admin and the server API are on the internal port
+(transports/api.py). WebSocket upgrades go through ``WebSocketEndpoint.handshake``
+(transports/handshake.py lists every refusal and its status); a request the WebSocket library
+could not take is answered before it gets there (``handshake.screen_head``).
 """
 
 from __future__ import annotations
 
-import hmac
 from collections.abc import Mapping
 from importlib import resources
 from typing import Any, Protocol, runtime_checkable
-from urllib.parse import urlsplit
 
 import orjson
 from websockets.asyncio.server import ServerConnection
 from websockets.datastructures import Headers
 from websockets.http11 import Request, Response
 
+from roomcast import clock
 from roomcast.backends.broker import BrokerUnavailable
 from roomcast.config import Config
 from roomcast.metrics import Metrics
 from roomcast.protocol import envelopes
 from roomcast.service.service import Service
-from roomcast.transports.handshake import Refusal
+from roomcast.transports.handshake import Refusal, split_target
 from roomcast.transports.websocket import WebSocketEndpoint
+
+#: Seconds an answer of the public REST endpoints is reused: a flood of them costs one
+#: presence read a second per path.
+PUBLIC_CACHE_SECONDS = 1.0
+#: Paths whose answers are kept at once (beyond it the cache starts over).
+PUBLIC_CACHE_ENTRIES = 1024
+#: Most members one /api/rooms/{room}/members answer lists (``truncated`` says there are more).
+PUBLIC_MEMBERS = 100
 
 REASONS = {200: "OK", 202: "Accepted", 400: "Bad Request", 401: "Unauthorized",
            403: "Forbidden", 404: "Not Found", 405: "Method Not Allowed",
@@ -38,6 +47,8 @@ def response(status: int, body: bytes, content_type: str,
         ("Content-Type", content_type),
         ("Content-Length", str(len(body))),
         ("Cache-Control", "no-store"),
+        # Every plain HTTP answer here ends the connection (the library closes it anyway).
+        ("Connection", "close"),
         *extra,
     ])
     return Response(status, REASONS.get(status, "OK"), headers, body)
@@ -97,6 +108,8 @@ class HttpRoutes:
             metrics.watch_redis_errors(self._backend.errors)
         self._page = resources.files("roomcast.transports").joinpath(
             "static", "index.html").read_bytes()
+        #: path -> (monotonic expiry, answer) of the public REST endpoints.
+        self._cache: dict[str, tuple[float, int, bytes]] = {}
 
     async def process_request(
         self, connection: ServerConnection, request: Request
@@ -112,37 +125,58 @@ class HttpRoutes:
             return json_response(503, {"error": "the cluster backend is unavailable"})
 
     async def route(self, request: Request) -> Response | None:
-        path = urlsplit(request.path).path
-        method = request.method if hasattr(request, "method") else "GET"
-        if path.startswith("/admin/"):
-            return await self.admin(request, method, path)
-        if method != "GET":
-            return text_response(405, "only GET is served here")
+        path = split_target(request.path)[0]
+        if request.method != "GET":
+            return text_response(405, "only GET is served on this port (the server API is "
+                                 "on the internal port)")
         if path == "/":
             return response(200, self._page, "text/html; charset=utf-8")
         if path == "/healthz":
             return self.healthz()
         if path == "/readyz":
             return self.readyz()
-        if path == "/metrics":
-            return response(200, self.metrics.render(),
-                            "text/plain; version=0.0.4; charset=utf-8")
-        if path == "/api/stats":
-            return json_response(200, await self.service.stats(public_only=True))
-        if path.startswith("/api/rooms/") and path.endswith("/members"):
-            room = path[len("/api/rooms/"):-len("/members")]
-            if not envelopes.valid_room(room):
-                return json_response(404, {"error": "invalid room name"})
-            if not self.service.public_presence(room):
-                # Only rooms anyone may join show who is in them here (docs/PROTOCOL.md).
-                return json_response(403, {"error": "this room's presence is not public"})
-            members = await self.service.members(room)
-            return json_response(200, {
-                "room": room,
-                "members": [m.to_dict() for m in members],
-                "count": len({m.user_id for m in members}),
-            })
+        if self.config.public_rest and (path == "/api/stats" or (
+                path.startswith("/api/rooms/") and path.endswith("/members"))):
+            return await self.public_rest(path)
+        # Metrics and admin live on the internal port only (transports/api.py): nothing
+        # administrative is reachable here, whatever the path looks like.
         return text_response(404, "not found")
+
+    async def public_rest(self, path: str) -> Response:
+        """The FastAPI tutorial's two REST endpoints, cheap and bounded: each answer is kept
+        for PUBLIC_CACHE_SECONDS, a room's members are capped at PUBLIC_MEMBERS (distinct
+        users, without connection or node ids), and only rooms whose presence is public are
+        shown (Service.public_presence)."""
+        now = clock.monotonic()
+        cached = self._cache.get(path)
+        if cached is None or cached[0] <= now:
+            if path == "/api/stats":
+                status, body = 200, await self.service.stats(public_only=True)
+            else:
+                status, body = await self.room_members(path[len("/api/rooms/"):-len("/members")])
+            if len(self._cache) >= PUBLIC_CACHE_ENTRIES:
+                self._cache.clear()
+            cached = self._cache[path] = (now + PUBLIC_CACHE_SECONDS, status, orjson.dumps(body))
+        # A new Response each time: the library adds its Server header to the one it sends.
+        return response(cached[1], cached[2], "application/json")
+
+    async def room_members(self, room: str) -> tuple[int, dict[str, Any]]:
+        if not envelopes.valid_room(room):
+            return 404, {"error": "invalid room name"}
+        if not self.service.public_presence(room):
+            # Only rooms anyone may join show who is in them here (docs/PROTOCOL.md).
+            return 403, {"error": "this room's presence is not public"}
+        users: dict[str, dict[str, Any]] = {}
+        for member in await self.service.members(room):
+            entry = {"user_id": member.user_id, "username": member.username}
+            if member.info is not None:
+                entry["info"] = member.info
+            users.setdefault(member.user_id, entry)
+        shown = list(users.values())[:PUBLIC_MEMBERS]
+        body: dict[str, Any] = {"room": room, "members": shown, "count": len(users)}
+        if len(users) > len(shown):
+            body["truncated"] = True
+        return 200, body
 
     def healthz(self) -> Response:
         """Liveness: 200 whenever the process serves HTTP, whatever Redis does (a restart would
@@ -154,27 +188,16 @@ class HttpRoutes:
         return json_response(200, body)
 
     def readyz(self) -> Response:
+        return json_response(*self.readiness())
+
+    def readiness(self) -> tuple[int, dict[str, Any]]:
         """Readiness: 503 ``draining`` from the start of a drain; 503 ``unavailable`` with the
         reason while Redis is unreachable or refuses writes (``redis``: unreachable, timeout,
         oom, readonly, misconf, error), from the write probe and the failures requests saw;
-        otherwise 200 ``ready``."""
+        otherwise 200 ``ready``. The same on both ports."""
         if not self.lifecycle.accepting:
-            return json_response(503, {"status": "draining"})
+            return 503, {"status": "draining"}
         problem = self._backend.problem() if self._backend is not None else None
         if problem is not None:
-            return json_response(503, {"status": "unavailable", "redis": problem})
-        return json_response(200, {"status": "ready"})
-
-    async def admin(self, request: Request, method: str, path: str) -> Response:
-        token = self.config.admin_token
-        if not token:
-            return text_response(404, "admin endpoints are disabled (no --admin-token)")
-        offered = request.headers.get("Authorization", "")
-        if not hmac.compare_digest(offered.encode(), f"Bearer {token}".encode()):
-            return text_response(401, "missing or wrong bearer token")
-        if path == "/admin/drain":
-            if method != "POST":
-                return text_response(405, "use POST")
-            self.lifecycle.request_drain()
-            return json_response(202, {"status": "draining", "node_id": self.config.node_id})
-        return text_response(404, "not found")
+            return 503, {"status": "unavailable", "redis": problem}
+        return 200, {"status": "ready"}

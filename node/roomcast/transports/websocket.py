@@ -23,7 +23,7 @@ import collections
 import dataclasses
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, ClassVar
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import parse_qs
 
 import orjson
 import structlog
@@ -52,7 +52,14 @@ from roomcast.service.auth import Authenticator, Claims, TokenError
 from roomcast.service.connection import Identity
 from roomcast.service.ratelimit import TokenBucket, Verdict
 from roomcast.service.service import Joined, Service
-from roomcast.transports.handshake import Gatekeeper, Refusal
+from roomcast.transports.handshake import (
+    MAX_HEAD,
+    Gatekeeper,
+    Refusal,
+    answer,
+    screen_head,
+    split_target,
+)
 from roomcast.transports.session import Session, new_conn_id
 from roomcast.transports.writer import FrameWriter, SendBudget
 
@@ -78,7 +85,7 @@ def query_identity(target: str) -> tuple[str, str]:
     Raises ProtocolError(bad_request), its message naming the field, when either has a
     character that is not printable (``envelopes.printable``): the handshake is refused.
     """
-    query = parse_qs(urlsplit(target).query)
+    query = parse_qs(split_target(target)[1])
     values = []
     for name in ("user_id", "username"):
         value = query.get(name, [""])[0]
@@ -188,6 +195,8 @@ class AdmittedConnection(ServerConnection):
         self.claims: Claims | None = None
         #: The client address the handshake was counted under (Gatekeeper), once admitted.
         self.address: str | None = None
+        #: The request head read so far, until it was screened (None after).
+        self._head: bytearray | None = bytearray()
         #: One verdict per message received and not yet consumed, oldest first.
         self.verdicts: collections.deque[Verdict] = collections.deque()
         #: Set once the connection was closed for flooding: it is not read any more.
@@ -215,6 +224,26 @@ class AdmittedConnection(ServerConnection):
 
         assembler.pause, assembler.resume = paused, resumed
 
+    def _screen(self, data: bytes) -> bytes:
+        """Hold the bytes of the request head until it is complete, then let it through only if
+        the library will take it (``screen_head``); anything else is answered here with a 4xx
+        and the connection closed. Returns what to hand on (b"" while waiting or refused)."""
+        assert self._head is not None
+        self._head += data
+        end = self._head.find(b"\r\n\r\n")
+        if end < 0 and len(self._head) <= MAX_HEAD:
+            return b""
+        buffered, self._head = bytes(self._head), None
+        verdict = screen_head(buffered[:end + 4] if end >= 0 else buffered)
+        if verdict is None:
+            return buffered
+        status, text = verdict
+        self.endpoint.metrics.http_refused.labels(status=str(status)).inc()
+        log.debug("http request refused", status=status, reason=text)
+        self.transport.write(answer(status, text))
+        self.transport.close()
+        return b""
+
     def connection_lost(self, exc: Exception | None) -> None:
         super().connection_lost(exc)
         self.uncount()
@@ -232,6 +261,10 @@ class AdmittedConnection(ServerConnection):
             self.address = None
 
     def data_received(self, data: bytes) -> None:
+        if self._head is not None:
+            data = self._screen(data)
+            if not data:
+                return
         if self.flooded:
             return  # Nothing a flooder sends after its flood close is looked at.
         if len(data) <= READ_SLICE:
@@ -248,7 +281,7 @@ class AdmittedConnection(ServerConnection):
             # Every data message gets its verdict, even after a flood close: the loop takes
             # one per message it receives.
             if self._has_typing is None:
-                self._has_typing = urlsplit(self.request.path).path != "/"
+                self._has_typing = split_target(self.request.path)[0] != "/"
             if opcode is Opcode.TEXT and event.fin and self._has_typing and is_typing(event.data):
                 verdict = self.typing_limiter.charge()
                 self.verdicts.append(verdict if verdict.allowed else dataclasses.replace(
@@ -332,7 +365,7 @@ class WebSocketEndpoint:
         carries its verified claims."""
         assert isinstance(ws, AdmittedConnection)
         gate = self.gate
-        path = urlsplit(request.path).path
+        path = split_target(request.path)[0]
         if not is_websocket_route(path):
             return Refusal(404, "no WebSocket endpoint at this path", "not_found")
         if not accepting:
@@ -492,18 +525,18 @@ class WebSocketEndpoint:
     async def handle(self, ws: ServerConnection) -> None:
         """Route a new connection to its dialect; close 1011 on a crash, never leak its text."""
         assert ws.request is not None and isinstance(ws, AdmittedConnection)
-        url = urlsplit(ws.request.path)
+        path = split_target(ws.request.path)[0]
         codec: Any
         opening: Opening
-        if url.path == "/":
+        if path == "/":
             codec = TutorialCodec(self.config.tutorial_room, self.config.max_chat_length)
             opening = self._open_tutorial
-        elif url.path.startswith(FASTAPI_PREFIX):
-            codec, opening = FastApiCodec(url.path[len(FASTAPI_PREFIX):]), self._open_fastapi
+        elif path.startswith(FASTAPI_PREFIX):
+            codec, opening = FastApiCodec(path[len(FASTAPI_PREFIX):]), self._open_fastapi
         else:
             codec, opening = NativeCodec(), self._open_native
         conn_id = new_conn_id()
-        identity = self.identity(ws, conn_id, url.path)
+        identity = self.identity(ws, conn_id, path)
         session = Session(
             ws=ws, writer=self.writer, identity=identity or anonymous(conn_id),
             codec=codec.name, limiter=ws.limiter, budget=self.budget,
