@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import datetime
 
 import pytest
 
-from tests.harness import Client, NodeProcess, native
+from tests.harness import Client, NodeProcess, RedisServer, native
 
 
 def fastapi_url(node: NodeProcess, room: str, user_id: str, username: str) -> str:
@@ -118,3 +119,86 @@ async def test_tutorial_requires_join_first(node: NodeProcess, first: str) -> No
     await client.send(first)
     assert (await client.expect("error"))["nick"] == "server"
     assert await client.closed() == 1008
+
+
+# --- nicks across a cluster ---------------------------------------------------------------
+
+
+@pytest.fixture
+def pair(redis_server: RedisServer, start_node: Callable[..., NodeProcess]) -> tuple[
+        NodeProcess, NodeProcess]:
+    """Two nodes with --auth none sharing one redis-server."""
+    flags = ("--presence-grace", "0.3", "--rate-burst", "500")
+    return start_node(redis_server.url, *flags), start_node(redis_server.url, *flags)
+
+
+async def tutorial(node: NodeProcess, nick: str) -> Client:
+    """A python-websockets tutorial client on '/' that has sent its join."""
+    client = await Client.open(node.ws("/"))
+    await client.send({"type": "join", "nick": nick})
+    return client
+
+
+async def assert_nick_refused(client: Client) -> None:
+    messages = await client.until_closed()
+    assert [(m["type"], m["nick"]) for m in messages] == [("error", "server")], messages
+    assert "taken" in messages[0]["text"]
+    assert client.ws.close_code == 1008 and client.ws.close_reason == "nick taken"
+
+
+async def test_tutorial_nick_is_unique_across_nodes(pair: tuple[NodeProcess, NodeProcess]) -> None:
+    """Two tutorial clients with the same nick, one per node: the second gets an error and
+    1008; the first keeps its nick and chats on."""
+    a, b = pair
+    first = await tutorial(a, "dave")
+    assert "1 present" in (await first.expect("info"))["text"]
+    await assert_nick_refused(await tutorial(b, "Dave"))
+    other = await tutorial(b, "erin")
+    assert "2 present" in (await other.expect("info"))["text"]
+    await first.send({"type": "chat", "text": "still here"})
+    assert await other.expect("chat") == {"type": "chat", "nick": "dave", "text": "still here"}
+
+
+async def test_native_client_cannot_take_a_tutorial_nick(
+    pair: tuple[NodeProcess, NodeProcess],
+) -> None:
+    """A native ?user_id=dave joining the tutorial room with nick dave, on either node, while a
+    tutorial client holds dave: nick_taken, and not joined."""
+    a, b = pair
+    holder = await tutorial(a, "dave")
+    await holder.expect("info")
+    for node in (a, b):
+        dave = await native(node, "dave")
+        reply = await dave.request({"type": "join", "room": "chat", "nick": "dave", "id": 1})
+        assert (reply["type"], reply["code"], reply["id"]) == ("error", "nick_taken", 1), reply
+        left = await dave.request({"type": "leave", "room": "chat", "id": 2})
+        assert (left["type"], left["code"]) == ("error", "not_joined"), left
+    presence = await (await native(b, "watch")).request(
+        {"type": "presence", "room": "chat", "id": 3})
+    assert [(m["user_id"], m["nick"]) for m in presence["members"]] == [("dave", "dave")]
+    assert presence["members"][0]["node_id"] == a.node_id
+
+
+async def test_tutorial_client_cannot_take_a_native_nick(
+    pair: tuple[NodeProcess, NodeProcess],
+) -> None:
+    """A tutorial client asking for the nick a native client holds in the tutorial room (on
+    the other node): an error and 1008; the native client keeps it."""
+    a, b = pair
+    dave = await native(a, "dave")
+    reply = await dave.request({"type": "join", "room": "chat", "nick": "dave", "id": 1})
+    assert reply["type"] == "joined", reply
+    await assert_nick_refused(await tutorial(b, "DAVE"))
+    presence = await dave.request({"type": "presence", "room": "chat", "id": 2})
+    assert [(m["user_id"], m["nick"]) for m in presence["members"]] == [("dave", "dave")]
+
+
+@pytest.mark.parametrize("nick", ["server", "Server", "SERVER", "  sErVeR  "])
+async def test_tutorial_nick_server_is_reserved(
+    pair: tuple[NodeProcess, NodeProcess], nick: str,
+) -> None:
+    """The nick "server" (any case), the tutorial's own sender name: an error and 1008."""
+    await assert_nick_refused(await tutorial(pair[0], nick))
+    client = await native(pair[1], "u")
+    reply = await client.request({"type": "join", "room": "chat", "nick": nick, "id": 1})
+    assert (reply["type"], reply["code"]) == ("error", "nick_taken"), reply
