@@ -214,7 +214,8 @@ class Config:
     drain_delay: float = _opt(5.0, "Seconds between readiness off and the first 1012 close.")
     drain_window: float = _opt(10.0, "Seconds over which connections are closed in batches.")
     admin_token: str | None = _opt(
-        None, "Bearer token for /admin/ endpoints; absent = admin endpoints are disabled."
+        None, "Bearer token for /admin/ endpoints on the internal port; absent = admin "
+        "endpoints are disabled."
     )
     admin_token_file: str | None = _opt(
         None, "File whose first line is the admin token (instead of --admin-token)."
