@@ -149,9 +149,15 @@ class NodeProcess:
         )
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
-        if not self._started.wait(timeout):
-            self.kill()
-            raise TimeoutError(f"node did not start: {self.output()[-2000:]}")
+        deadline = time.monotonic() + timeout
+        while not self._started.wait(0.05):
+            if self.proc.poll() is not None:  # A bad flag: it said so and exited.
+                self._reader.join(timeout=5)
+                raise RuntimeError(f"node exited with {self.proc.returncode}: "
+                                   f"{self.output()[-2000:]}")
+            if time.monotonic() > deadline:
+                self.kill()
+                raise TimeoutError(f"node did not start: {self.output()[-2000:]}")
         return self
 
     def _read(self) -> None:

@@ -365,9 +365,6 @@ async def test_join_leave_off_sends_no_presence_events(jnode: NodeProcess) -> No
                                                         ("user_left", "chat:r")]
 
 
-@pytest.mark.xfail(reason="BUG: Service._announce_back (service/service.py) publishes "
-                   "user_joined on a presence repair (user_back, _reannounce) without "
-                   "checking the namespace's join_leave option", strict=True)
 async def test_join_leave_off_holds_after_a_presence_repair(
     start_node: StartNode, redis_server: RedisServer, redis_client: aioredis.Redis,
     tmp_path: Path,

@@ -180,7 +180,12 @@ class Service:
 
     async def _announce_back(self, room: str, user_id: str, username: str) -> None:
         """user_joined for a user announced gone while connected here, on every node; this
-        node's members never saw the leave, so it comes from an origin this node drops."""
+        node's members never saw the leave, so it comes from an origin this node drops. Not in
+        a namespace with join/leave events off."""
+        ns = self.namespaces.resolve(room)
+        if ns is not None and not ns.join_leave:
+            self._rejoining.discard((room, user_id))
+            return
         try:
             await self.broker.publish_event(
                 room, envelopes.event("user_joined", room, user_id=user_id, username=username,
