@@ -131,17 +131,7 @@ async def check_refused(node: NodeProcess, client: Client, request: bytes,
     assert errors_logged(node, mark) == []
 
 
-#: A bodiless DELETE passes screen_head (its docstring: "the routes answer 405"), and the routes'
-#: 405 is not the screen's: no Allow header, no count.
-DELETE_BUG = pytest.mark.xfail(
-    reason="BUG: a non-GET request without a body (DELETE, POST, PUT) gets the routes' 405 "
-           "(http.HttpRoutes.route), which sends no Allow header (RFC 9110 section 15.5.6: "
-           "MUST) and is not counted in roomcast_http_refused_total",
-    raises=AssertionError, strict=True)
-
-
-@pytest.mark.parametrize("case", [pytest.param(case, marks=DELETE_BUG) if case == "delete"
-                                  else case for case in REFUSED])
+@pytest.mark.parametrize("case", list(REFUSED))
 async def test_unservable_request_gets_a_clean_answer(canary: tuple[NodeProcess, Client],
                                                       case: str) -> None:
     """A request the client port does not serve gets its documented 4xx with Connection:
@@ -152,10 +142,6 @@ async def test_unservable_request_gets_a_clean_answer(canary: tuple[NodeProcess,
     await check_refused(node, client, request, status)
 
 
-@pytest.mark.xfail(reason="BUG: screen_head tells a body from a malformed head by looking for "
-                          "'body' in the parser's message, which quotes the client's bytes: a "
-                          "malformed line containing 'body' is answered 413/405, not 400",
-                   raises=AssertionError, strict=True)
 @pytest.mark.parametrize("request_bytes", [
     b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nnobody-home\r\n\r\n",
     b"GET /body HTTP/2.0\r\nHost: 127.0.0.1\r\n\r\n",

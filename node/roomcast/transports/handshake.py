@@ -106,7 +106,9 @@ def screen_head(head: bytes) -> tuple[int, str] | None:
         return 431, "a request header line is too long, or there are too many"
     except (ValueError, NotImplementedError) as exc:
         method = head.split(b" ", 1)[0]
-        if "body" in str(exc) or isinstance(exc, NotImplementedError):
+        # Exactly the library's two body refusals (http11.Request.parse); any other message
+        # may quote the client's bytes and must not be read for words.
+        if isinstance(exc, NotImplementedError) or str(exc) == "unsupported request body":
             if method != b"GET":
                 return 405, "only GET is served on this port (the server API is internal)"
             return 413, "requests with a body are not served on this port"

@@ -127,8 +127,9 @@ class HttpRoutes:
     async def route(self, request: Request) -> Response | None:
         path = split_target(request.path)[0]
         if request.method != "GET":
-            return text_response(405, "only GET is served on this port (the server API is "
-                                 "on the internal port)")
+            self.metrics.http_refused.labels(status="405").inc()
+            return response(405, b"only GET is served on this port (the server API is on the "
+                            b"internal port)\n", "text/plain; charset=utf-8", (("Allow", "GET"),))
         if path == "/":
             return response(200, self._page, "text/html; charset=utf-8")
         if path == "/healthz":
