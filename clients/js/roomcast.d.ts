@@ -167,7 +167,7 @@ export interface Options {
   pongTimeout?: number;
   /** Publishes kept while disconnected (100); one more rejects with `queue_full`. */
   publishQueue?: number;
-  /** At most one typing frame per room per this many ms (1000). */
+  /** At most one typing frame per room per this many ms (1500; the node relays one a second). */
   typingInterval?: number;
   /** For tests: the WebSocket class and the random source of the backoff. */
   WebSocket?: { new (url: string): WebSocket };

@@ -114,6 +114,7 @@ class Room extends Emitter {
     this.name = name;
     this._forget(since);
     this._typedAt = -Infinity;
+    this._typingTimer = null;
   }
 
   /** `{offset, epoch}` of the last message delivered (a rejoin resumes after it), or null. */
@@ -132,7 +133,11 @@ class Room extends Emitter {
   /** Publish `data` (any JSON value); resolves with `{offset, epoch}` once the node stored it.
    * While disconnected, publishes wait in a bounded queue (`publishQueue`) and go out in
    * order after the reconnect. */
-  publish(data) { return this.client._publish(this, data); }
+  publish(data) {
+    clearTimeout(this._typingTimer); // the message is what was being typed
+    this._typingTimer = null;
+    return this.client._publish(this, data);
+  }
 
   /** Every connection in the room, cluster-wide (`user_id`, `username`, `node_id`, ...). */
   async presence() {
@@ -160,15 +165,19 @@ class Room extends Emitter {
     }
   }
 
-  /** Tell the others "I am typing"; at most one frame per `typingInterval` (1 s) goes out, the
-   * rest are dropped here. Returns whether one was sent. */
+  /** Tell the others "I am typing": at most one frame per `typingInterval` (1.5 s: above the
+   * node's relay limit of one a second, so that none is dropped there). A call inside the
+   * interval is sent at its end, once, unless a publish came first. Returns whether a frame
+   * went out now. */
   typing() {
     const conn = this.client._conn;
-    const now = Date.now();
-    if (!conn?.ready || conn.draining || now - this._typedAt < this.client.options.typingInterval) {
+    const wait = this._typedAt + this.client.options.typingInterval - Date.now();
+    if (!conn?.ready || conn.draining) return false;
+    if (wait > 0) {
+      this._typingTimer ??= setTimeout(() => { this._typingTimer = null; this.typing(); }, wait);
       return false;
     }
-    this._typedAt = now;
+    this._typedAt = Date.now();
     conn.ws.send(JSON.stringify({ type: "typing", room: this.name }));
     return true;
   }
@@ -208,7 +217,7 @@ export class Roomcast extends Emitter {
     this.url = url;
     this.options = {
       backoffBase: 500, backoffCap: 20000, stableAfter: 5000, requestTimeout: 10000,
-      pingInterval: 25000, pongTimeout: 10000, publishQueue: 100, typingInterval: 1000,
+      pingInterval: 25000, pongTimeout: 10000, publishQueue: 100, typingInterval: 1500,
       ...options,
     };
     this.state = "disconnected";

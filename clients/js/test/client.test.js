@@ -332,15 +332,21 @@ test("user events and typing reach the room's handlers", async () => {
   rc.disconnect();
 });
 
-test("typing() sends at most one frame per typingInterval", async () => {
+test("typing() sends at most one frame per typingInterval, the last call at its end", async () => {
   const { rc, ws, room } = await joined("r", 0, { typingInterval: 40 });
   assert.equal(room.typing(), true);
   assert.equal(room.typing(), false);
   assert.equal(room.typing(), false);
   assert.equal(ws.of("typing").length, 1);
-  await new Promise((resolve) => setTimeout(resolve, 50));
-  assert.equal(room.typing(), true);
+  await until(() => ws.of("typing").length === 2, "the trailing frame");
+  await new Promise((resolve) => setTimeout(resolve, 60));
   assert.deepEqual(ws.of("typing"), [{ type: "typing", room: "r" }, { type: "typing", room: "r" }]);
+  await new Promise((resolve) => setTimeout(resolve, 60));
+  assert.equal(room.typing(), true, "a new interval");
+  assert.equal(room.typing(), false);
+  room.publish("done").catch(() => {});
+  await new Promise((resolve) => setTimeout(resolve, 60));
+  assert.equal(ws.of("typing").length, 3, "a publish cancels the trailing frame");
   rc.disconnect();
 });
 
