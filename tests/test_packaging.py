@@ -38,12 +38,14 @@ def unpacked(wheel: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_the_wheel_holds_the_product_and_its_data_files_only(wheel: Path) -> None:
-    """Every module, Lua script, the demo page and the nginx template; no loadtest, no tests."""
+    """Every module, Lua script, the demo page, the client library and the nginx template; no
+    loadtest, no tests."""
     names = set(zipfile.ZipFile(wheel).namelist())
     source = {f"roomcast/{p.relative_to(PACKAGE).as_posix()}" for p in PACKAGE.rglob("*")
               if p.is_file() and "__pycache__" not in p.parts}
     assert source <= names, sorted(source - names)
     assert {"roomcast/tools/nginx.conf.template", "roomcast/transports/static/index.html",
+            "roomcast/transports/static/roomcast.js", "roomcast/transports/static/roomcast.d.ts",
             "roomcast/backends/lua/publish.lua", "roomcast/py.typed"} <= names
     top = {name.split("/", 1)[0] for name in names}
     assert top == {"roomcast", wheel.name.split("-")[0] + "-" + wheel.name.split("-")[1]

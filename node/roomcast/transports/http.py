@@ -106,8 +106,18 @@ class HttpRoutes:
         self._backend = health if isinstance(health, BackendHealth) else None
         if self._backend is not None:
             metrics.watch_redis_errors(self._backend.errors)
-        self._page = resources.files("roomcast.transports").joinpath(
-            "static", "index.html").read_bytes()
+        static = resources.files("roomcast.transports").joinpath("static")
+        #: The browser client library (a copy of clients/js/) and its types.
+        self._assets = {
+            "/roomcast.js": (static.joinpath("roomcast.js").read_bytes(),
+                             "text/javascript; charset=utf-8"),
+            "/roomcast.d.ts": (static.joinpath("roomcast.d.ts").read_bytes(),
+                               "application/typescript; charset=utf-8"),
+        }
+        # The demo page gets the library inlined in place of its import: one self-contained
+        # answer, which works behind a proxy that forwards only `/` of these paths.
+        self._page = static.joinpath("index.html").read_bytes().replace(
+            b'import { Roomcast } from "./roomcast.js";', self._assets["/roomcast.js"][0], 1)
         #: path -> (monotonic expiry, answer) of the public REST endpoints.
         self._cache: dict[str, tuple[float, int, bytes]] = {}
 
@@ -132,6 +142,10 @@ class HttpRoutes:
                             b"internal port)\n", "text/plain; charset=utf-8", (("Allow", "GET"),))
         if path == "/":
             return response(200, self._page, "text/html; charset=utf-8")
+        if path in self._assets:
+            body, content_type = self._assets[path]
+            # A page of another origin imports a module script with CORS.
+            return response(200, body, content_type, (("Access-Control-Allow-Origin", "*"),))
         if path == "/healthz":
             return self.healthz()
         if path == "/readyz":
