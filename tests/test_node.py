@@ -226,7 +226,7 @@ def test_http_routes(node: NodeProcess) -> None:
     """The client port answers page, health, readiness, stats, members and 404; metrics are on
     the internal port only."""
     status, body, ctype = http_get(f"{node.http}/")
-    assert status == 200 and ctype.startswith("text/html") and b"/ws/chat/" in body
+    assert status == 200 and ctype.startswith("text/html") and b"class Roomcast" in body
     assert http_json(f"{node.http}/healthz")["status"] == "ok"
     assert http_json(f"{node.http}/readyz")["status"] == "ready"
     status, body, _ = http_get(f"{node.api}/metrics")
