@@ -14,6 +14,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator, Mapping
@@ -24,6 +25,8 @@ import pytest
 import yaml
 
 from roomcast import config as config_module
+from roomcast.service.auth import KeyFile, parse_secrets
+from roomcast.service.server import ApiKeys
 from roomcast.tools.balancer import find_nginx
 from tests.harness import ROOT, NodeProcess
 
@@ -43,8 +46,8 @@ OVERLAYS = ("dev", "production", "production-ingress")
 GRACE_SLACK = 5.0
 #: Secrets the tests put where an operator puts the production ones.
 TEST_SECRETS = {
-    "admin-token": "test-admin-token-0123456789",
-    "api-keys": "test-api-key-0123456789",
+    "admin-token": "test-admin-token-0123456789abcdef0123",
+    "api-keys": "test-api-key-0123456789abcdef0123456789",
     "jwt-secrets": "test-only-hmac-secret-0123456789abcdef",
     "redis-url": "rediss://:password@redis.example.com:6380/0",
 }
@@ -266,16 +269,13 @@ def test_ruff_passes_on_the_python_in_k8s() -> None:
 def test_the_grace_period_covers_the_drain_the_configmap_sets(
         rendered: dict[str, list[dict[str, Any]]], tmp_path: Path) -> None:
     """In every overlay terminationGracePeriodSeconds >= drain delay + drain window +
-    4 x close timeout + slack, from the ConfigMap values the Deployment really uses, and the
-    preStop hook stops waiting before the grace period ends."""
+    4 x close timeout + slack, from the ConfigMap values the Deployment really uses."""
     for overlay, docs in rendered.items():
         deployment = find(docs, "Deployment", "roomcast")
         _, cfg = pod_settings(docs, tmp_path / overlay)
         grace = deployment["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
         bound = drain_bound(cfg)
         assert grace >= bound, f"{overlay}: grace {grace} s < drain bound {bound} s"
-        hook_wait = cfg.drain_delay + cfg.drain_window + cfg.close_timeout + 2.0
-        assert hook_wait < grace, overlay
     production = container_env(rendered["production"], node_container(
         find(rendered["production"], "Deployment", "roomcast")))
     # The production values are the node's defaults: the README's timeline holds.
@@ -333,6 +333,10 @@ def test_every_setting_the_manifests_use_exists_in_the_node(
         assert cfg.admin_token, f"{overlay}: no admin token for the preStop hook"
         if overlay != "dev":
             assert cfg.auth == "jwt" and cfg.jwt_secret_file and cfg.api_key_file
+        # The key files as the node reads them at start (each secret 32 characters or more).
+        ApiKeys(cfg).load()
+        assert cfg.jwt_secret_file
+        KeyFile(cfg.jwt_secret_file, "--jwt-secret-file", parse_secrets, time.monotonic).load()
 
 
 @pytest.fixture(scope="module")
@@ -578,3 +582,65 @@ def test_nginx_accepts_the_balancer_config(tmp_path: Path) -> None:
     result = subprocess.run([nginx, "-t", "-q", "-c", str(target), "-p", f"{run}/"],
                             capture_output=True, text=True, timeout=30, check=False)
     assert result.returncode == 0, result.stderr
+
+
+# --- the image (shared with tests/test_k8s_image.py and tests/test_k8s_rehearsal.py) ------------
+
+DOCKERFILE = ROOT / "Dockerfile"
+
+
+@dataclasses.dataclass
+class Instruction:
+    stage: int  # 0 for the first FROM's stage
+    name: str  # upper case: FROM, RUN, COPY, ...
+    args: str
+
+
+def dockerfile(path: Path = DOCKERFILE) -> list[Instruction]:
+    """The instructions of a Dockerfile, continuation lines joined and comments dropped."""
+    instructions: list[Instruction] = []
+    stage = -1
+    pending = ""
+    for raw in path.read_text().splitlines():
+        line = raw.strip()
+        if not pending and (not line or line.startswith("#")):
+            continue
+        if pending and line.startswith("#"):
+            continue
+        if line.endswith("\\"):
+            pending += line[:-1] + " "
+            continue
+        line = pending + line
+        pending = ""
+        name, _, args = line.partition(" ")
+        if name.upper() == "FROM":
+            stage += 1
+        instructions.append(Instruction(stage, name.upper(), " ".join(args.split())))
+    return instructions
+
+
+def final_stage(instructions: list[Instruction]) -> list[Instruction]:
+    last = max(i.stage for i in instructions)
+    return [i for i in instructions if i.stage == last]
+
+
+def image_command(instructions: list[Instruction]) -> list[str]:
+    """What the container runs with no command or args in the pod: ENTRYPOINT + CMD (exec
+    form JSON, as the runtime reads them)."""
+    import json
+
+    stage = final_stage(instructions)
+    (entrypoint,) = [json.loads(i.args) for i in stage if i.name == "ENTRYPOINT"]
+    cmds = [json.loads(i.args) for i in stage if i.name == "CMD"]
+    return [*entrypoint, *(cmds[-1] if cmds else [])]
+
+
+def image_env(instructions: list[Instruction], base_path: str) -> dict[str, str]:
+    """The final stage's ENV (``KEY=VALUE`` pairs; ``$PATH`` expands to ``base_path``)."""
+    env: dict[str, str] = {}
+    for instruction in final_stage(instructions):
+        if instruction.name == "ENV":
+            for pair in instruction.args.split():
+                key, _, value = pair.partition("=")
+                env[key] = value.replace("$PATH", base_path)
+    return env

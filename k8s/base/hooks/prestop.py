@@ -1,22 +1,27 @@
-"""preStop hook of a roomcast node pod: start the drain, then wait until it has moved every client.
+"""preStop hook of a roomcast node pod: start the drain, so that readiness is off at once.
 
 The kubelet runs this inside the node's container (same image, same environment) when the pod
 is deleted, and sends SIGTERM only when it returns. It
 
 1. reads the node's settings the way the node does (``roomcast.config.load_config`` on the same
-   environment: internal port, admin token file, drain timings);
-2. POSTs ``/admin/drain`` to the node on 127.0.0.1: readiness turns 503 at once, new handshakes
-   get 503 (the balancer retries them on another pod) while the endpoint removal propagates;
-3. waits until the node holds no connection (``roomcast_connections`` in ``/metrics`` sums to 0,
-   or the node stopped answering), at most ``drain_delay + drain_window + close_timeout`` plus
-   2 s, and returns. The kubelet's SIGTERM that follows finds the drain done; had it come
-   earlier it would have changed nothing either, since a drain already runs (app.Node: only a
-   second signal stops at once with 1001).
+   environment: internal port, admin token file);
+2. POSTs ``/admin/drain`` to the node on 127.0.0.1: from that moment ``/readyz`` answers 503 and
+   new handshakes get 503 (the balancer retries them on another pod) while the endpoint removal
+   propagates;
+3. returns as soon as ``/readyz`` says 503 (a second or two at most).
 
-Exit 0 when the drain ran (or the node was gone already). Exit 1 when it could not be started;
-the kubelet records the message as a FailedPreStopHook event and its SIGTERM then starts the same
-drain. Progress goes to stdout and to ``--log`` (the manifest passes PID 1's stdout, so that the
-lines appear in ``kubectl logs`` next to the node's own), one JSON object per line.
+The kubelet's SIGTERM then reaches a node that is draining already, and changes nothing: only a
+second signal stops a node at once with 1001 (app.Node._on_signal; tests/test_k8s_rehearsal.py
+checks it). The node closes its connections with 1012 over the drain window and exits 0 by
+itself, within terminationGracePeriodSeconds. The hook does not wait for that: a hook still
+running when the node exits is killed with the container, which the kubelet reports as a
+FailedPreStopHook event on every rollout.
+
+Exit 0 when the drain runs (or no node answered: nothing to hand over). Exit 1 when it could not
+be started; the kubelet records the message as a FailedPreStopHook event, and its SIGTERM then
+starts the same drain. Progress goes to stdout and to ``--log`` (the manifest passes PID 1's
+stdout, so that the lines appear in ``kubectl logs`` next to the node's own), one JSON object per
+line.
 """
 
 from __future__ import annotations
@@ -34,8 +39,8 @@ from typing import Any
 
 from roomcast.config import Config, load_config
 
-POLL = 0.2  # seconds between two looks at /metrics
-SLACK = 2.0  # seconds past the node's own drain bound before the hook stops waiting
+POLL = 0.1  # seconds between two looks at /readyz
+CONFIRM_WITHIN = 2.0  # seconds for /readyz to turn 503 (it does at once; this is a bound)
 REQUEST_TIMEOUT = 2.0
 
 
@@ -70,15 +75,6 @@ def request(url: str, token: str | None = None) -> tuple[int, bytes]:
         raise OSError(str(exc.reason)) from None
 
 
-def connections(metrics: bytes) -> int:
-    """The sum of ``roomcast_connections{dialect=...}`` in a /metrics page."""
-    total = 0.0
-    for line in metrics.decode(errors="replace").splitlines():
-        if line.startswith("roomcast_connections{") or line.startswith("roomcast_connections "):
-            total += float(line.rsplit(" ", 1)[1])
-    return int(total)
-
-
 def base_url(cfg: Config) -> str:
     host = cfg.api_host if cfg.api_host not in ("", "0.0.0.0", "::") else "127.0.0.1"
     return f"http://{'[' + host + ']' if ':' in host else host}:{cfg.api_port}"
@@ -99,29 +95,18 @@ def run(hook: Hook, cfg: Config) -> int:
         hook.log("prestop drain refused", status=status, body=body[:200].decode(errors="replace"),
                  level="error")
         return 1
-    bound = cfg.drain_delay + cfg.drain_window + cfg.close_timeout + SLACK
-    hook.log("prestop drain started", url=base, wait_at_most=bound)
-    deadline = hook.started + bound
-    reported_ready: int | None = None
-    left = -1
-    while time.monotonic() < deadline:
+    hook.log("prestop drain started", url=base)
+    deadline = time.monotonic() + CONFIRM_WITHIN
+    while True:
         try:
             ready, _ = request(base + "/readyz")
-            status, page = request(base + "/metrics")
         except OSError:
-            hook.log("prestop done: the node stopped answering", level="info")
-            return 0
-        if ready != reported_ready:
-            reported_ready = ready
-            hook.log("prestop readiness", status=ready)
-        left = connections(page) if status == 200 else -1
-        if left == 0:
-            hook.log("prestop done: no connection left", level="info")
+            ready = 0  # Gone already: a drain with no connection left ends quickly.
+        if ready != 200 or time.monotonic() > deadline:
+            hook.log("prestop done", readiness=ready or "no answer",
+                     level="info" if ready != 200 else "warning")
             return 0
         time.sleep(POLL)
-    hook.log("prestop stopped waiting; the drain goes on (SIGTERM does not cut it short)",
-             connections=left, level="warning")
-    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
