@@ -9,6 +9,7 @@ tests/test_k8s_image.py; both use the helpers here.
 from __future__ import annotations
 
 import base64
+import contextlib
 import dataclasses
 import re
 import shutil
@@ -193,6 +194,16 @@ def port_number(container: dict[str, Any], port: int | str) -> int:
         return port
     (number,) = [p["containerPort"] for p in container["ports"] if p["name"] == port]
     return int(number)
+
+
+def descendants(pid: int) -> list[int]:
+    """The processes ``pid`` started, and theirs (from /proc), deepest first."""
+    found: list[int] = []
+    with contextlib.suppress(OSError):
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            for child in (task / "children").read_text().split():
+                found = [*descendants(int(child)), int(child), *found]
+    return found
 
 
 # --- schema, lint -----------------------------------------------------------------------------

@@ -39,6 +39,7 @@ from tests.harness import RedisServer, running_redis, wait_for
 from tests.test_k8s import (
     TEST_SECRETS,
     container_env,
+    descendants,
     dockerfile,
     drain_bound,
     find,
@@ -109,16 +110,6 @@ class Termination:
     #: (seconds after the deletion, status) of the first readiness probe sent after it.
     first_readiness: tuple[float, int | None] | None
     livez: list[int | None] = field(default_factory=list)
-
-
-def descendants(pid: int) -> list[int]:
-    """The processes ``pid`` started, and theirs (from /proc), deepest first."""
-    found: list[int] = []
-    with contextlib.suppress(OSError):
-        for task in Path(f"/proc/{pid}/task").iterdir():
-            for child in (task / "children").read_text().split():
-                found = [*descendants(int(child)), int(child), *found]
-    return found
 
 
 class Pod:
