@@ -364,3 +364,23 @@ async def test_repeated_or_malformed_handshake_headers_get_a_clean_refusal(
     assert raw_request(node, UPGRADE + extra + "\r\n").split(b" ")[1] == status
     assert not node.logged("process_request failed")
     assert http_json(f"{node.http}/readyz")["status"] == "ready"
+
+
+@pytest.mark.parametrize("clustered", [False, True], ids=["embedded", "redis"])
+def test_an_unusable_key_file_stops_the_node_with_one_line(
+        request: pytest.FixtureRequest, tmp_path: Any, clustered: bool) -> None:
+    """A --api-key-file the node cannot use ends it at once with exit 2 and one line, in
+    cluster mode too (where a half-started node once hung on its Redis threads)."""
+    import subprocess
+    import sys
+
+    keys = tmp_path / "keys"
+    keys.write_text("short\n")
+    flags = ["--port", "0", "--api-port", "0", "--api-key-file", str(keys)]
+    if clustered:
+        flags += ["--redis-url", request.getfixturevalue("redis_server").url]
+    done = subprocess.run([sys.executable, "-m", "roomcast", "node", *flags],
+                          capture_output=True, text=True, timeout=30)
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines()[-1] == (
+        f"roomcast node: --api-key-file: {keys} line 1: a secret must be at least 32 characters")

@@ -77,13 +77,26 @@ class Node:
     # --- lifecycle ---------------------------------------------------------------------------
 
     async def start(self) -> None:
-        """Connect the backends and start listening; logs 'node started' with the bound port."""
+        """Connect the backends and start listening; logs 'node started' with the bound port.
+
+        Raises ValueError (one line) for a key file that cannot be used, before anything is
+        connected; any failure after that (a port in use, say) releases what was started, so
+        that the process can exit instead of hanging on the lease thread.
+        """
         structlog.contextvars.bind_contextvars(node_id=self.node_id)
         if self.config.auth == "none":
             log.warning("--auth none: identities are not verified, any client may name any "
                         "user_id; use --auth jwt in production")
+        self.api.keys.load()
         await self.auth.start()
         await self.service.start()
+        try:
+            await self._listen()
+        except BaseException:
+            await self.shutdown()
+            raise
+
+    async def _listen(self) -> None:
         cfg = self.config
         self.server = await serve(
             self.websocket.handle,

@@ -34,6 +34,8 @@ TOOLS: dict[str, tuple[str, str]] = {
     "drain": ("roomcast.tools.cluster", "ask one node to drain (POST /admin/drain)"),
     "token": ("roomcast.tools.token_cli",
               "mint a signed connection or room token (JWT) for testing"),
+    "api": ("roomcast.tools.api_cli",
+            "call the server API of a node: publish, presence, disconnect, ..."),
 }
 
 
@@ -75,6 +77,9 @@ def run_node(args: argparse.Namespace) -> int:
         except ValueError as exc:
             # A namespaces file or key file that cannot be used: one line, as for a bad flag.
             problem.append(str(exc))
+            return
+        except OSError as exc:  # A port in use, an address that is not ours.
+            problem.append(f"cannot listen: {exc.strerror or exc}")
             return
         tune_gc()
         await node.run()

@@ -96,8 +96,8 @@ class ApiServer:
     # --- lifecycle ---------------------------------------------------------------------------
 
     async def start(self) -> int:
-        """Listen on --api-host:--api-port; returns the bound port."""
-        self.keys.load()
+        """Listen on --api-host:--api-port; returns the bound port. (The keys are loaded by
+        the node first: ``ApiKeys.load``.)"""
         app = web.Application(client_max_size=self.config.api_max_body,
                               middlewares=[self._errors])
         app.router.add_get("/livez", self._livez)
