@@ -221,7 +221,8 @@ class Config:
         None, "File whose first line is the admin token (instead of --admin-token)."
     )
     trusted_proxies: tuple[str, ...] = _opt(
-        (), "Comma-separated proxy addresses whose X-Forwarded-For is believed."
+        (), "Comma-separated proxy addresses or CIDR ranges (10.0.0.0/8) whose "
+        "X-Forwarded-For is believed."
     )
 
     def __post_init__(self) -> None:

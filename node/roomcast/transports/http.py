@@ -3,8 +3,8 @@
 Routes (GET only): ``/`` (the demo page, with the browser library inlined; the tutorial
 dialect's WebSocket when it is an upgrade), ``/roomcast.js`` and ``/roomcast.d.ts`` (the browser
 library, clients/js), ``/healthz``, ``/readyz``, and, unless ``--public-rest false``,
-``/api/stats`` and ``/api/rooms/{room}/members``. Metrics, admin and the server API are on the internal port
-(transports/api.py). WebSocket upgrades go through ``WebSocketEndpoint.handshake``
+``/api/stats`` and ``/api/rooms/{room}/members``. Metrics, admin and the server API are on the
+internal port (transports/api.py). WebSocket upgrades go through ``WebSocketEndpoint.handshake``
 (transports/handshake.py lists every refusal and its status); a request the WebSocket library
 could not take is answered before it gets there (``handshake.screen_head``).
 """

@@ -20,7 +20,10 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import dataclasses
+import functools
+import ipaddress
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, ClassVar
 from urllib.parse import parse_qs
@@ -96,18 +99,41 @@ def query_identity(target: str) -> tuple[str, str]:
     return values[0], values[1]
 
 
+@functools.lru_cache(maxsize=8)
+def _networks(trusted: tuple[str, ...]) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network,
+                                                  ...]:
+    """--trusted-proxies as networks: an address is a /32 (or /128), a CIDR its range (the
+    balancer pods of a Kubernetes cluster: their addresses change, their range does not)."""
+    networks = []
+    for entry in trusted:
+        with contextlib.suppress(ValueError):  # A name, not an address: matched as a string.
+            networks.append(ipaddress.ip_network(entry, strict=False))
+    return tuple(networks)
+
+
+def is_trusted(address: str, trusted: tuple[str, ...]) -> bool:
+    if address in trusted:
+        return True
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return False
+    return any(ip in network for network in _networks(trusted))
+
+
 def client_address(ws: ServerConnection, headers: Headers, trusted: tuple[str, ...]) -> str:
-    """The client's address: the peer, unless the peer is a trusted proxy, in which case
-    X-Forwarded-For is walked from the right past every trusted proxy (CDN -> nginx -> node);
-    anything left of the first untrusted hop may be forged and is ignored."""
+    """The client's address: the peer, unless the peer is a trusted proxy (an address or CIDR of
+    --trusted-proxies), in which case X-Forwarded-For is walked from the right past every trusted
+    proxy (CDN -> nginx -> node); anything left of the first untrusted hop may be forged and is
+    ignored."""
     address = str(ws.remote_address[0]) if ws.remote_address else ""
-    if address not in trusted:
+    if not trusted or not is_trusted(address, trusted):
         return address
     # Several X-Forwarded-For headers are one list (RFC 9110 section 5.3), in order.
     hops = [h.strip() for h in ",".join(headers.get_all("X-Forwarded-For")).split(",")]
     for hop in reversed([h for h in hops if h]):
         address = hop
-        if hop not in trusted:
+        if not is_trusted(hop, trusted):
             break
     return address
 
