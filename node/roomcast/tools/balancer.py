@@ -1,10 +1,13 @@
 """nginx in front of roomcast nodes: the config renderer, a dev certificate, and the process.
 
-``render()`` fills ``nginx.conf.template`` (beside this module): ``least_conn`` over the nodes,
-WebSocket upgrade headers, ``X-Forwarded-*``, and ``proxy_next_upstream http_503`` so that a
-handshake a draining node refuses with 503 is retried on another node. Only ``/``, ``/ws``,
-``/ws/chat/``, ``/api/`` and ``/healthz`` are proxied; ``/metrics``, ``/admin/`` and the rest
-answer 404.
+``render()`` fills ``nginx.conf.template`` (beside this module): ``least_conn`` over the nodes'
+client ports, WebSocket upgrade headers and ``X-Forwarded-*``. A handshake that a draining node
+refuses with 503 is retried on another node; a request that reached a node is sent to another
+one only when it is idempotent and the node could not answer it (never a POST), and a node is
+skipped only after ``MAX_FAILS`` failures, which no single request can cause
+(balancer/README.md, "Retries and failed nodes"). Only ``/``, ``/ws``, ``/ws/chat/``, ``/api/``
+and ``/healthz`` are proxied; ``/metrics``, ``/admin/`` and the rest answer 404. The nodes'
+internal ports (``--api-port``) are never upstreams.
 
 ``Balancer`` runs that nginx as a child process whose pid file, logs and temp files all live in
 one run directory: it checks the config with ``nginx -t``, starts nginx in the foreground, waits
@@ -36,6 +39,14 @@ TEMPLATE = Path(__file__).resolve().parent / "nginx.conf.template"
 PROXY_TIMEOUT = "75s"  # Longer than the nodes' 20 s ping interval.
 WORKER_CONNECTIONS = 4096  # Two per proxied WebSocket: one to the client, one to the node.
 PORT_ATTEMPTS = 3  # Ephemeral ports are picked before nginx binds them: retry a lost race.
+#: Failed attempts (a refused or reset connection, a timeout, a handshake's 503) after which
+#: nginx skips a node for FAIL_TIMEOUT. nginx tries a node at most once per request, so one
+#: request counts at most one failure against it: with 3, no single request takes a node out,
+#: while a dead node is skipped after its first 3 (each retried on another node).
+MAX_FAILS = 3
+#: The window in which those failures add up, and how long a failed node is then skipped
+#: before one request probes it again: a dead node costs one retried connect per 5 s.
+FAIL_TIMEOUT = "5s"
 # Characters that would end or change a quoted nginx string ($ starts a variable).
 _UNSAFE_PATH = re.compile(r'["$\\;{}\s]')
 
@@ -90,7 +101,8 @@ def render(
     *, host: str = "127.0.0.1", generation: int = 1,
     worker_connections: int = WORKER_CONNECTIONS,
 ) -> str:
-    """The nginx config for nodes on ``127.0.0.1:<upstream_ports>``.
+    """The nginx config for nodes whose client ports (``--port``) are
+    ``127.0.0.1:<upstream_ports>``.
 
     nginx listens on ``host:http_port`` (ws://, http://) and ``host:https_port`` (wss://, with
     ``cert``/``key``); ``rundir`` gets its pid file, logs and temp files. ``generation`` is
@@ -106,7 +118,8 @@ def render(
     if http_port == https_port:
         raise ValueError(f"the ws and wss ports must differ (both {http_port})")
     servers = "\n".join(
-        f"        server 127.0.0.1:{port} max_fails=1 fail_timeout=2s;" for port in ports
+        f"        server 127.0.0.1:{port} max_fails={MAX_FAILS} fail_timeout={FAIL_TIMEOUT};"
+        for port in ports
     )
     return _Template(TEMPLATE.read_text()).substitute(
         user_directive=_user_directive(),
