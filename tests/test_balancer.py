@@ -169,6 +169,8 @@ def test_only_public_http_routes_are_exposed(cluster: LocalCluster) -> None:
         assert status == 200
         assert json.loads(body)["node_id"] in {n.node_id for n in cluster.nodes}
         assert http(f"{base}/healthz", context=context)[0] == 200
+        status, library = http(f"{base}/roomcast.js", context=context)
+        assert status == 200 and b"export class Roomcast" in library
     assert http(f"{cluster.nodes[0].api_url}/metrics")[0] == 200  # The internal port has it.
 
 
