@@ -369,6 +369,27 @@ async def test_rate_limit_is_429_with_retry_after(start_node: StartNode) -> None
     assert int(reply.headers["Retry-After"]) >= 1, reply.headers
 
 
+async def test_each_command_of_a_batch_costs_a_request(start_node: StartNode) -> None:
+    """A batch of 3 commands needs 3 requests of --api-rate: with a bucket of 2 it is 429 and
+    nothing of it is done."""
+    node = start_node(None, "--api-key", KEY, "--api-rate", "1", *FAST)
+    commands = [{"method": "publish", "params": {"room": "r", "data": n}} for n in range(3)]
+    reply = await call(node, "batch", {"commands": commands})
+    error(reply, 429, "rate_limited")
+
+
+async def test_server_data_and_disconnect_codes_are_bounded(start_node: StartNode) -> None:
+    """A publish larger than --max-message-size is 400 (clients could not take it), and a
+    disconnect may not send a code roomcast uses for something else (4002, 4501)."""
+    node = start_node(None, "--api-key", KEY, "--max-message-size", "1024", *FAST)
+    error(await call(node, "publish", {"room": "r", "data": "x" * 2000}), 400, "bad_request",
+          "--max-message-size")
+    for code in (4002, 4501, 1001):
+        error(await call(node, "disconnect", {"user": "u", "code": code}), 400, "bad_request",
+              "does not use itself")
+    assert (await call(node, "disconnect", {"user": "u", "code": 4600})).status == 200
+
+
 async def test_publish_with_redis_down_is_503_never_200(start_node: StartNode,
                                                         redis_server: RedisServer) -> None:
     """With Redis gone a publish is answered 503 with Retry-After, never as a success."""

@@ -42,7 +42,7 @@ ROOMCAST = [str(_SCRIPT)] if _SCRIPT.exists() else [
     sys.executable, "-c", "from roomcast.cli import main; main()"]
 FAST = ["--rate-burst", "500", "--presence-grace", "0.5"]
 #: The server API key of the shared cluster's nodes: the API is on, on the internal port only.
-API_KEY = "balancer-test-key"
+API_KEY = "balancer-test-key-0123456789abcdef01"
 
 
 def http(url: str, method: str = "GET", headers: dict[str, str] | None = None,

@@ -32,7 +32,7 @@ from selenium.webdriver.support.ui import WebDriverWait
 from roomcast.tools.balancer import find_nginx
 from roomcast.tools.cluster import LocalCluster
 
-API_KEY = "browser-test-key"
+API_KEY = "browser-test-key-0123456789abcdef0123"
 NODE_FLAGS = ["--presence-grace", "0.5", "--rate-burst", "500", "--api-key", API_KEY]
 CHROMIUM = ("/usr/bin/chromium", "/usr/bin/chromium-browser")
 CHROMEDRIVER = "/usr/bin/chromedriver"

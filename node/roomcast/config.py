@@ -270,6 +270,8 @@ class Config:
                 ("https://", "http://")), "must be an http:// or https:// URL"),
             ("handshake_burst", self.handshake_burst >= 1, "must be at least 1"),
             ("api_port", 0 <= self.api_port <= 65535, "must be from 0 to 65535"),
+            ("api_key", all(len(key) >= 32 for key in self.api_key),
+             "keys must be at least 32 characters each (as in --api-key-file)"),
             ("api_max_body", self.api_max_body >= 1024, "must be at least 1024 bytes"),
             ("api_max_batch", self.api_max_batch >= 1, "must be at least 1"),
         ]

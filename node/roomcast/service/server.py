@@ -34,9 +34,11 @@ from roomcast.service.service import Service
 SERVER_SENDER: Final = {"user_id": "", "username": "server"}
 #: Longest idempotency key a publish may carry.
 MAX_IDEMPOTENCY_KEY: Final = 128
-#: Close codes a backend may ask ``disconnect`` to send: the application range (4000-4499 the
-#: client reconnects, 4500-4999 it does not; closecodes.py), or a normal or policy close.
-DISCONNECT_CODES: Final = (range(4000, 5000), (1000, 1008))
+#: Close codes a backend may ask ``disconnect`` to send: a normal or policy close, 4500 (the
+#: default), or an application code of its own (4000-4499 the client reconnects, 4500-4999 it
+#: does not) that roomcast does not already send for something else: one code, one meaning.
+DISCONNECT_CODES: Final = frozenset({1000, 1008, int(CloseCode.DISCONNECTED)}) | (
+    frozenset(range(4000, 5000)) - frozenset(int(c) for c in CloseCode))
 #: A close reason is at most 123 bytes of UTF-8 (RFC 6455 section 5.5: a control frame's payload
 #: is at most 125 bytes, two of which are the code).
 MAX_REASON_BYTES: Final = 123
@@ -103,6 +105,11 @@ class ServerActions:
         --idempotency-window returns the first result and publishes nothing."""
         room = self._room(room)
         data = envelopes.check_data(data)
+        limit = self.config.max_message_size
+        if len(orjson.dumps(data)) > limit:
+            # What a client could not send, clients need not be able to receive either.
+            raise ProtocolError(ErrorCode.BAD_REQUEST,
+                                f"data is larger than --max-message-size ({limit} bytes)")
         if idempotency_key is not None and not (
                 isinstance(idempotency_key, str) and 0 < len(idempotency_key)
                 <= MAX_IDEMPOTENCY_KEY and envelopes.printable(idempotency_key)):
@@ -157,10 +164,11 @@ class ServerActions:
                          reason: Any = "disconnected") -> None:
         """Close every connection of ``user`` on every node with ``code``."""
         user = _user(user)
-        if not (isinstance(code, int) and not isinstance(code, bool) and (
-                code in DISCONNECT_CODES[0] or code in DISCONNECT_CODES[1])):
+        if not (isinstance(code, int) and not isinstance(code, bool)
+                and code in DISCONNECT_CODES):
             raise ProtocolError(ErrorCode.BAD_REQUEST,
-                                "code must be 1000, 1008 or from 4000 to 4999")
+                                "code must be 1000, 1008, 4500, or a code from 4000 to 4999 "
+                                "that roomcast does not use itself (docs/PROTOCOL.md section 8)")
         if not (isinstance(reason, str) and len(reason.encode()) <= MAX_REASON_BYTES):
             raise ProtocolError(ErrorCode.BAD_REQUEST,
                                 f"reason must be a string of at most {MAX_REASON_BYTES} bytes")
@@ -184,7 +192,8 @@ class ServerActions:
         return rooms
 
     async def info(self) -> dict[str, Any]:
-        """The nodes of the cluster with their connection counts, and this node's rooms."""
+        """The nodes of the cluster with their connection counts (as of their last lease
+        renewal), and how many rooms have someone present, cluster-wide."""
         stats = await self.service.stats()
         return {"node_id": stats["node_id"], "nodes": stats["cluster"]["nodes"],
                 "rooms": len(stats["cluster"]["rooms"])}
