@@ -45,9 +45,8 @@ def test_the_library_fits_in_10_kb_gzipped() -> None:
 
 @pytest.mark.parametrize("name", ["roomcast.js", "roomcast.d.ts"])
 def test_the_node_serves_the_same_library(name: str) -> None:
-    """The package's copy is clients/js/'s, byte for byte (edit clients/js, then copy it)."""
-    assert (STATIC / name).read_bytes() == (JS / name).read_bytes(), (
-        f"cp clients/js/{name} node/roomcast/transports/static/{name}")
+    """clients/js/ links to the file the node serves and ships in its wheel: one source."""
+    assert (JS / name).is_symlink() and (JS / name).resolve() == (STATIC / name).resolve()
 
 
 def test_the_page_can_inline_the_library() -> None:

@@ -18,6 +18,7 @@ from typing import Any
 import orjson
 
 from roomcast.tools.api import DEFAULT_TIMEOUT, DEFAULT_URL, ApiClient, ApiError
+from roomcast.tools.argtypes import non_negative_int, positive_float, positive_int
 
 Call = Callable[[ApiClient, argparse.Namespace], dict[str, Any]]
 
@@ -37,7 +38,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     api.add_argument("--key", default=os.environ.get("ROOMCAST_API_KEY"),
                      help="an API key of the node (--api-key); default: $ROOMCAST_API_KEY, "
                      "which, unlike this flag, other users cannot see in the process list")
-    api.add_argument("--timeout", type=_positive_float, default=DEFAULT_TIMEOUT, metavar="S",
+    api.add_argument("--timeout", type=positive_float, default=DEFAULT_TIMEOUT, metavar="S",
                      help=f"seconds to wait for the reply (default: {DEFAULT_TIMEOUT:g})")
     methods = api.add_subparsers(dest="method", metavar="METHOD", required=True,
                                  help="the API method to call (METHOD --help: its flags)")
@@ -51,7 +52,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     publish.add_argument("--idempotency-key", metavar="K",
                          help="a retry with the same key publishes nothing and prints the "
                          "first result (1-128 printable characters)")
-    publish.add_argument("--retries", type=_non_negative_int, default=0, metavar="N",
+    publish.add_argument("--retries", type=non_negative_int, default=0, metavar="N",
                          help="retry up to N times on 503, 429 or no answer, under one "
                          "idempotency key (made up if none is given); default 0")
     _set(publish, lambda api, a: api.publish(a.room, a.data, a.idempotency_key,
@@ -81,11 +82,11 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         description="Print the room's stored messages (oldest first) with its offset and "
         "epoch.")
     _room(history)
-    history.add_argument("--limit", type=_positive_int, metavar="N",
+    history.add_argument("--limit", type=positive_int, metavar="N",
                          help="at most N messages (1-1000): the newest, or the oldest after "
                          "--since-offset")
     history.add_argument("--reverse", action="store_true", help="newest first")
-    history.add_argument("--since-offset", type=_non_negative_int, metavar="N",
+    history.add_argument("--since-offset", type=non_negative_int, metavar="N",
                          help="only the messages after offset N (needs --since-epoch)")
     history.add_argument("--since-epoch", metavar="EPOCH",
                          help="the epoch that --since-offset belongs to")
@@ -171,33 +172,6 @@ def _http_url(text: str) -> str:
     if parts.scheme not in ("http", "https") or not parts.netloc:
         raise argparse.ArgumentTypeError(f"must be http://host:port, not {text!r}")
     return text
-
-
-def _non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError("must not be negative")
-    return value
-
-
-def _positive_int(text: str) -> int:
-    value = _non_negative_int(text)
-    if value == 0:
-        raise argparse.ArgumentTypeError("must be at least 1")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError("must be more than 0")
-    return value
 
 
 # --- running -----------------------------------------------------------------------------------

@@ -20,6 +20,7 @@ from typing import Any, Final
 import orjson
 
 from roomcast.protocol.envelopes import Since
+from roomcast.tools.argtypes import non_negative_int, positive_int
 from roomcast.tools.client import (
     Client,
     ClientClosed,
@@ -75,9 +76,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     )
     _add_url(subscribe)
     subscribe.add_argument("--room", required=True, help="room to subscribe to")
-    subscribe.add_argument("--count", type=_positive_int, metavar="N",
+    subscribe.add_argument("--count", type=positive_int, metavar="N",
                            help="exit after printing N messages (default: run until stopped)")
-    subscribe.add_argument("--since-offset", type=_non_negative_int, metavar="N",
+    subscribe.add_argument("--since-offset", type=non_negative_int, metavar="N",
                            help="first replay the stored messages after offset N "
                            "(needs --since-epoch)")
     subscribe.add_argument("--since-epoch", metavar="EPOCH",
@@ -96,23 +97,6 @@ def _ws_url(text: str) -> str:
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
     return text
-
-
-def _positive_int(text: str) -> int:
-    value = _non_negative_int(text)
-    if value == 0:
-        raise argparse.ArgumentTypeError("must be at least 1")
-    return value
-
-
-def _non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError("must not be negative")
-    return value
 
 
 def _add_url(parser: argparse.ArgumentParser) -> None:
