@@ -38,9 +38,10 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 from jwt.types import Options
 
+from roomcast.backends.broker import BrokerUnavailable
 from roomcast.clock import Clock, monotonic
 from roomcast.config import Config
-from roomcast.protocol.envelopes import MAX_TOKEN_LENGTH, printable
+from roomcast.protocol.envelopes import MAX_TOKEN_LENGTH, ErrorCode, ProtocolError, printable
 
 log = structlog.get_logger("roomcast.auth")
 
@@ -126,6 +127,20 @@ class TokenError(Exception):
         super().__init__(message)
         self.reason = reason
         self.message = message
+
+
+#: A refusal's reason -> the error code the client is told (docs/PROTOCOL.md section 4).
+ERROR_CODES: Final = {"invalid": ErrorCode.UNAUTHORIZED, "expired": ErrorCode.TOKEN_EXPIRED,
+                      "unavailable": ErrorCode.UNAVAILABLE}
+
+
+def request_error(exc: TokenError) -> ProtocolError | BrokerUnavailable:
+    """What a request whose token was refused (a refresh, a room token) fails with: the
+    backend's unavailability when the keys could not be had, else unauthorized or
+    token_expired. The connection stays either way."""
+    if exc.reason == "unavailable":
+        return BrokerUnavailable(exc.message)
+    return ProtocolError(ERROR_CODES[exc.reason], exc.message)
 
 
 def _invalid(message: str) -> TokenError:

@@ -12,7 +12,6 @@ done.
 
 from __future__ import annotations
 
-import dataclasses
 import fnmatch
 import hmac
 from dataclasses import dataclass
@@ -52,9 +51,6 @@ class Published:
     offset: int
     epoch: str
     duplicate: bool = False
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
 
 
 class ApiKeys:

@@ -37,6 +37,7 @@ from roomcast.protocol.closecodes import CloseCode
 from roomcast.protocol.dialects import NATIVE, clean_nick
 from roomcast.protocol.envelopes import ErrorCode, ProtocolError, Since
 from roomcast.service import recovery
+from roomcast.service.auth import TokenError, request_error
 from roomcast.service.connection import Connection
 from roomcast.service.permissions import Permissions
 from roomcast.service.rooms import Room, Rooms
@@ -375,16 +376,17 @@ class Service:
         """Verify a room token for ``conn`` and ``room`` and remember what it grants."""
         if self.auth is None or not self.auth.enabled:
             raise ProtocolError(ErrorCode.UNAUTHORIZED, "room tokens need --auth jwt")
-        from roomcast.service.auth import TokenError
-
         try:
             claims = await self.auth.room(token, conn.identity.user_id, room)
         except TokenError as exc:
-            if exc.reason == "unavailable":
-                raise BrokerUnavailable(exc.message) from None
-            code = ErrorCode.TOKEN_EXPIRED if exc.reason == "expired" else ErrorCode.UNAUTHORIZED
-            raise ProtocolError(code, exc.message) from None
+            raise self.token_refused(exc) from None
         conn.room_grants[room] = claims
+
+    def token_refused(self, exc: TokenError) -> ProtocolError | BrokerUnavailable:
+        """Count a refused token (roomcast_auth_failures_total) and return what the request
+        fails with (auth.request_error)."""
+        self.metrics.auth_failures.labels(reason=exc.reason).inc()
+        return request_error(exc)
 
     async def _check_room_size(self, conn: Connection, room: str, limit: int) -> None:
         """ProtocolError room_full when ``limit`` other users are in the room. A user already

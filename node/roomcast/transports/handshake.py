@@ -28,8 +28,9 @@ from typing import Any, Final
 from urllib.parse import parse_qs, urlsplit
 
 import structlog
+from websockets.datastructures import Headers
 from websockets.exceptions import SecurityError
-from websockets.http11 import Request
+from websockets.http11 import Request, Response
 from websockets.streams import StreamReader
 
 from roomcast.config import Config
@@ -43,8 +44,11 @@ log = structlog.get_logger("roomcast.handshake")
 #: gets 431. Browsers send a few KiB; websockets' own limits (8 KiB a line, 128 headers) come
 #: after this one.
 MAX_HEAD = 16384
-REASONS: Final = {400: "Bad Request", 405: "Method Not Allowed", 413: "Content Too Large",
-                  431: "Request Header Fields Too Large"}
+#: The reason phrases of every status the client port answers with.
+REASONS: Final = {200: "OK", 202: "Accepted", 400: "Bad Request", 401: "Unauthorized",
+                  403: "Forbidden", 404: "Not Found", 405: "Method Not Allowed",
+                  413: "Content Too Large", 429: "Too Many Requests",
+                  431: "Request Header Fields Too Large", 503: "Service Unavailable"}
 
 #: Addresses whose handshake buckets are kept; the least recently seen go first beyond it, so
 #: that a scan from many addresses costs bounded memory (a forgotten bucket starts full again).
@@ -117,14 +121,34 @@ def screen_head(head: bytes) -> tuple[int, str] | None:
         return 400, "malformed HTTP request"
 
 
+def response(status: int, body: bytes, content_type: str,
+             extra: tuple[tuple[str, str], ...] = ()) -> Response:
+    """Every plain HTTP answer of the client port (the routes', the refused handshakes' and
+    the screened requests'): it ends the connection (the library closes it anyway)."""
+    headers = Headers([
+        ("Content-Type", content_type),
+        ("Content-Length", str(len(body))),
+        ("Cache-Control", "no-store"),
+        ("Connection", "close"),
+        *extra,
+    ])
+    return Response(status, REASONS.get(status, "OK"), headers, body)
+
+
+def text_response(status: int, text: str, extra: tuple[tuple[str, str], ...] = ()) -> Response:
+    return response(status, text.encode() + b"\n", "text/plain; charset=utf-8", extra)
+
+
+#: What a 405 says is served (RFC 9110 section 15.5.6: a 405 must list the allowed methods).
+ALLOW_GET: Final = (("Allow", "GET"),)
+
+
 def answer(status: int, text: str) -> bytes:
-    """The raw bytes of a plain-text HTTP answer that closes the connection."""
-    body = text.encode() + b"\n"
-    head = (f"HTTP/1.1 {status} {REASONS.get(status, 'Bad Request')}\r\n"
-            "Content-Type: text/plain; charset=utf-8\r\n"
-            f"Content-Length: {len(body)}\r\nConnection: close\r\nCache-Control: no-store\r\n"
-            + ("Allow: GET\r\n" if status == 405 else "") + "Server: roomcast\r\n\r\n")
-    return head.encode() + body
+    """The raw bytes of a plain-text answer to a screened request, written before the library
+    has the connection (so the Server header it adds to its own answers is added here)."""
+    extra = ALLOW_GET if status == 405 else ()
+    reply = text_response(status, text, (*extra, ("Server", "roomcast")))
+    return reply.serialize()
 
 
 def bearer_token(headers: Any, target: str) -> str | None:

@@ -17,7 +17,6 @@ from typing import Any, Protocol, runtime_checkable
 
 import orjson
 from websockets.asyncio.server import ServerConnection
-from websockets.datastructures import Headers
 from websockets.http11 import Request, Response
 
 from roomcast import clock
@@ -26,7 +25,13 @@ from roomcast.config import Config
 from roomcast.metrics import Metrics
 from roomcast.protocol import envelopes
 from roomcast.service.service import Service
-from roomcast.transports.handshake import Refusal, split_target
+from roomcast.transports.handshake import (
+    ALLOW_GET,
+    Refusal,
+    response,
+    split_target,
+    text_response,
+)
 from roomcast.transports.websocket import WebSocketEndpoint
 
 #: Seconds an answer of the public REST endpoints is reused: a flood of them costs one
@@ -37,35 +42,13 @@ PUBLIC_CACHE_ENTRIES = 1024
 #: Most members one /api/rooms/{room}/members answer lists (``truncated`` says there are more).
 PUBLIC_MEMBERS = 100
 
-REASONS = {200: "OK", 202: "Accepted", 400: "Bad Request", 401: "Unauthorized",
-           403: "Forbidden", 404: "Not Found", 405: "Method Not Allowed",
-           429: "Too Many Requests", 503: "Service Unavailable"}
-
-
-def response(status: int, body: bytes, content_type: str,
-             extra: tuple[tuple[str, str], ...] = ()) -> Response:
-    headers = Headers([
-        ("Content-Type", content_type),
-        ("Content-Length", str(len(body))),
-        ("Cache-Control", "no-store"),
-        # Every plain HTTP answer here ends the connection (the library closes it anyway).
-        ("Connection", "close"),
-        *extra,
-    ])
-    return Response(status, REASONS.get(status, "OK"), headers, body)
-
 
 def refusal_response(refusal: Refusal) -> Response:
-    return response(refusal.status, refusal.text.encode() + b"\n", "text/plain; charset=utf-8",
-                    refusal.headers)
+    return text_response(refusal.status, refusal.text, refusal.headers)
 
 
 def json_response(status: int, value: Any) -> Response:
     return response(status, orjson.dumps(value), "application/json")
-
-
-def text_response(status: int, text: str) -> Response:
-    return response(status, text.encode() + b"\n", "text/plain; charset=utf-8")
 
 
 class Lifecycle(Protocol):
@@ -139,8 +122,8 @@ class HttpRoutes:
         path = split_target(request.path)[0]
         if request.method != "GET":
             self.metrics.http_refused.labels(status="405").inc()
-            return response(405, b"only GET is served on this port (the server API is on the "
-                            b"internal port)\n", "text/plain; charset=utf-8", (("Allow", "GET"),))
+            return text_response(405, "only GET is served on this port (the server API is on "
+                                 "the internal port)", ALLOW_GET)
         if path == "/":
             return response(200, self._page, "text/html; charset=utf-8")
         if path in self._assets:

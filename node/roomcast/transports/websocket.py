@@ -51,7 +51,7 @@ from roomcast.protocol.codecs import (
     TutorialCodec,
 )
 from roomcast.protocol.envelopes import ErrorCode, ProtocolError, Request
-from roomcast.service.auth import Authenticator, Claims, TokenError
+from roomcast.service.auth import ERROR_CODES, Authenticator, Claims, TokenError
 from roomcast.service.connection import Identity
 from roomcast.service.ratelimit import TokenBucket, Verdict
 from roomcast.service.service import Joined, Service
@@ -483,10 +483,9 @@ class WebSocketEndpoint:
                             rid: Any = None) -> bool:
         """Say why the token was refused, then close: 4502 for an expired one, 1013 when it
         could not be checked, 4501 otherwise. Returns False (the connection is over)."""
-        code, close = {
-            "expired": (ErrorCode.TOKEN_EXPIRED, CloseCode.STALE_TOKEN),
-            "unavailable": (ErrorCode.UNAVAILABLE, CloseCode.TRY_AGAIN_LATER),
-        }.get(exc.reason, (ErrorCode.UNAUTHORIZED, CloseCode.UNAUTHORIZED))
+        code = ERROR_CODES[exc.reason]
+        close = {"expired": CloseCode.STALE_TOKEN,
+                 "unavailable": CloseCode.TRY_AGAIN_LATER}.get(exc.reason, CloseCode.UNAUTHORIZED)
         self.metrics.errors.labels(code=code).inc()
         session.send(codec.error(code, exc.message, rid))
         await session.ws.close(close, exc.reason if exc.reason != "invalid" else "unauthorized")
@@ -528,11 +527,7 @@ class WebSocketEndpoint:
         try:
             claims = await self.auth.connection(token)
         except TokenError as exc:
-            self.metrics.auth_failures.labels(reason=exc.reason).inc()
-            if exc.reason == "unavailable":
-                raise BrokerUnavailable(exc.message) from None
-            raise ProtocolError(ErrorCode.TOKEN_EXPIRED if exc.reason == "expired"
-                                else ErrorCode.UNAUTHORIZED, exc.message) from None
+            raise self.service.token_refused(exc) from None
         who = session.identity
         if not who.authenticated or claims.user_id != who.user_id:
             raise ProtocolError(ErrorCode.UNAUTHORIZED, "the token is for another user")
