@@ -9,11 +9,9 @@ import base64
 import hashlib
 import hmac
 import json
-import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +23,7 @@ from jwt.algorithms import RSAAlgorithm
 from websockets.exceptions import InvalidStatus
 from websockets.http11 import Response
 
+from tests.fakes import JwksServer
 from tests.harness import Client, NodeProcess, barrier
 
 SECRET = "s" * 32
@@ -240,37 +239,6 @@ async def test_rs256_token_connects_with_pem_public_key(
     deployment = deploy("rs", start_node, tmp_path, rsa_key)
     client = await connected(deployment.node, rs256(rsa_key, sub="rs-user"))
     assert client.seen[0]["user_id"] == "rs-user"
-
-
-class JwksServer:
-    """A JWKS endpoint on 127.0.0.1, port 0, served by a thread until ``stop``."""
-
-    def __init__(self, keys: list[dict[str, Any]]) -> None:
-        body = json.dumps({"keys": keys}).encode()
-        self.requests = 0
-        server = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_GET(self) -> None:
-                server.requests += 1
-                self.send_response(200)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, format: str, *args: Any) -> None:
-                pass
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/.well-known/jwks.json"
-        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
-        self.thread.start()
-
-    def stop(self) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
-        self.thread.join(timeout=5)
 
 
 @pytest.fixture

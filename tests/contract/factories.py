@@ -31,6 +31,7 @@ from roomcast.backends.history import History, MemoryHistory
 from roomcast.backends.presence import Member, MemoryPresence, PresenceStore
 from roomcast.config import Config
 from roomcast.protocol import envelopes as protocol
+from tests.fakes import FakeClock
 
 #: Longest wait for anything that should happen (a delivery, a user_left). A Redis node announces
 #: user_left on its next presence tick (1 s) after the grace window, so this spans several ticks.
@@ -46,16 +47,6 @@ DAY = 86400.0
 def prefix(room: str, data: Any) -> bytes:
     """A message envelope without offset and epoch, as the service hands it to publish()."""
     return protocol.message_prefix(room, data, protocol.sender("u1", "Ann"), 1)
-
-
-class FakeClock:
-    """A monotonic clock that moves only when told to (for MemoryHistory's TTL)."""
-
-    def __init__(self) -> None:
-        self.now = 5000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 class Deliveries:
@@ -246,7 +237,7 @@ class MemoryBackend(Backend):
 
     def __init__(self) -> None:
         super().__init__()
-        self.clock = FakeClock()
+        self.clock = FakeClock(5000.0)
 
     def _new_pair(self, history_size: int, history_ttl: float, idle_ttl: float) -> Pair:
         history = MemoryHistory(history_size, history_ttl, clock=self.clock, idle_ttl=idle_ttl)

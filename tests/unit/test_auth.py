@@ -11,10 +11,8 @@ import json
 import os
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -37,24 +35,12 @@ from roomcast.service.auth import (
     TokenError,
 )
 from roomcast.tools import token_cli
+from tests.fakes import FakeClock, JwksServer
 
 SECRET = "s" * 32
 OTHER_SECRET = "t" * 32
 
 Make = Callable[..., Awaitable[Authenticator]]
-
-
-class FakeClock:
-    """Monotonic seconds that move only when a test says so."""
-
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
 
 
 def payload(**claims: Any) -> dict[str, Any]:
@@ -125,38 +111,6 @@ async def make() -> AsyncIterator[Make]:
     yield build
     for authenticator in made:
         await authenticator.close()
-
-
-class JwksServer:
-    """A JWKS endpoint on 127.0.0.1, port 0, in a thread; counts the requests it answered."""
-
-    def __init__(self, keys: list[dict[str, Any]]) -> None:
-        self.keys = keys
-        self.requests = 0
-        server = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_GET(self) -> None:
-                server.requests += 1
-                body = json.dumps({"keys": server.keys}).encode()
-                self.send_response(200)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, format: str, *args: Any) -> None:
-                pass
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/jwks.json"
-        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
-        self.thread.start()
-
-    def stop(self) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
-        self.thread.join(timeout=5)
 
 
 @pytest.fixture

@@ -6,19 +6,12 @@ from __future__ import annotations
 from roomcast.backends.history import SWEEP_INTERVAL, MemoryHistory
 from roomcast.backends.presence import Member, MemoryPresence
 from roomcast.protocol import envelopes
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
+from tests.fakes import FakeClock
 
 
 async def test_rooms_only_read_are_forgotten_after_the_idle_ttl() -> None:
     """Asking about 10,000 room names keeps nothing once the idle TTL and a sweep have passed."""
-    clock = Clock()
+    clock = FakeClock()
     history = MemoryHistory(100, 86400.0, clock=clock, idle_ttl=300.0)
     for i in range(10_000):
         await history.read(f"probe-{i}")
@@ -30,7 +23,7 @@ async def test_rooms_only_read_are_forgotten_after_the_idle_ttl() -> None:
 
 async def test_a_room_read_again_keeps_its_epoch_while_it_is_read() -> None:
     """Reads within the idle TTL keep an unpublished room's epoch (a client can continue)."""
-    clock = Clock()
+    clock = FakeClock()
     history = MemoryHistory(100, 86400.0, clock=clock, idle_ttl=300.0)
     first = await history.read("r")
     for _ in range(5):
@@ -42,7 +35,7 @@ async def test_a_room_read_again_keeps_its_epoch_while_it_is_read() -> None:
 
 async def test_published_rooms_live_for_the_history_ttl_not_the_idle_one() -> None:
     """A room with messages keeps them for --history-ttl, then is swept out too."""
-    clock = Clock()
+    clock = FakeClock()
     history = MemoryHistory(100, 3600.0, clock=clock, idle_ttl=300.0)
     history.append("r", envelopes.message_prefix("r", 1, envelopes.sender("u", "U"), 1))
     clock.now += 1000.0
