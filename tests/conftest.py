@@ -8,6 +8,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from tests.harness import NodeProcess, RedisServer, running_redis
+from tests.rediscluster import RedisCluster, running_cluster
 
 
 @pytest.fixture
@@ -46,3 +47,18 @@ async def redis_client(redis_server: RedisServer) -> AsyncIterator[aioredis.Redi
         yield client
     finally:
         await client.aclose()
+
+
+@pytest.fixture(scope="module")
+def redis_cluster() -> Iterator[RedisCluster]:
+    """Three masters, no replica, shared by a module's tests: a test that kills or pauses a
+    master leaves the cluster down for the next ones (use redis_cluster_with_replicas)."""
+    with running_cluster(masters=3, replicas=0) as cluster:
+        yield cluster
+
+
+@pytest.fixture
+def redis_cluster_with_replicas() -> Iterator[RedisCluster]:
+    """Three masters with one replica each, for one test: kill_master and wait_failover."""
+    with running_cluster(masters=3, replicas=1) as cluster:
+        yield cluster

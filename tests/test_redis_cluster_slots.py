@@ -21,28 +21,9 @@ from redis.exceptions import ClusterCrossSlotError
 
 from roomcast.backends import presence_redis
 from roomcast.backends.keys import Keys
-from roomcast.tools.procs import find_binary, free_port
+from roomcast.tools.procs import find_binary
+from tests.rediscluster import cluster_port
 from tests.unit.test_slots import SCRIPT_NAMES, ScriptRecorder, every_name, key_slot, run_scenario
-
-#: Redis Cluster listens on port + 10000 for its bus: the client port must leave room for it.
-MAX_CLUSTER_PORT = 65535 - 10000
-
-
-def cluster_port() -> int:
-    """A free port whose cluster-bus port (+10000) exists and is free too."""
-    import socket
-
-    for _ in range(200):
-        port = free_port()
-        if port > MAX_CLUSTER_PORT:
-            continue
-        with socket.socket() as probe:
-            try:
-                probe.bind(("127.0.0.1", port + 10000))
-            except OSError:
-                continue
-        return port
-    raise RuntimeError("no port with a free cluster-bus port")
 
 pytestmark = pytest.mark.redis
 
@@ -87,8 +68,9 @@ class ClusterNode:
         client = redis.Redis(port=self.port, socket_timeout=2, socket_connect_timeout=1)
         try:
             self._until(deadline, lambda: bool(client.ping()), "PING")
-            client.execute_command("CLUSTER", "ADDSLOTSRANGE", 0, 16383)
-            self._until(deadline, lambda: b"cluster_state:ok" in client.execute_command(
+            client.execute_command(  # type: ignore[no-untyped-call]  # unannotated in redis-py
+                "CLUSTER", "ADDSLOTSRANGE", 0, 16383)
+            self._until(deadline, lambda: b"cluster_state:ok" in client.execute_command(  # type: ignore[no-untyped-call]  # unannotated in redis-py
                 "CLUSTER", "INFO"), "cluster_state:ok")
         finally:
             client.close()
