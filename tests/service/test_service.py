@@ -49,6 +49,9 @@ class Conn:
 
 
 class DirectFanout:
+    def settle(self) -> None:
+        pass
+
     def send(self, connections: Iterable[Any], payload: bytes, skip: str = "") -> int:
         targets = [c for c in connections if not (skip and c.conn_id == skip)]
         for conn in targets:

@@ -25,6 +25,7 @@ from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
+from redis.asyncio.client import Pipeline
 from redis.exceptions import ResponseError
 
 from roomcast import clock
@@ -110,6 +111,7 @@ class ScriptRecorder:
     def __init__(self) -> None:
         self.calls: list[ScriptCall] = []
         self.registered: set[str] = set()
+        self._by_sha: dict[str, str] = {}
         self._names = {load_script(name): name for name in SCRIPT_NAMES}
 
     @contextlib.contextmanager
@@ -120,6 +122,9 @@ class ScriptRecorder:
         class Recording:
             def __init__(self, inner: Any, name: str) -> None:
                 self.inner, self.name = inner, name
+                # What a caller that pipelines EVALSHA itself uses (RedisBroker's publishes).
+                self.sha, self.script = inner.sha, inner.script
+                recorder._by_sha[inner.sha] = name
 
             async def __call__(
                 self, keys: Any = None, args: Any = None, client: Any = None
@@ -133,11 +138,22 @@ class ScriptRecorder:
             self.registered.add(name)
             return Recording(original(client, script), name)
 
+        original_evalsha = Pipeline.evalsha
+
+        def evalsha(pipe: Any, sha: str, numkeys: int, *keys_and_args: Any) -> Any:
+            if sha in recorder._by_sha:
+                recorder.calls.append(ScriptCall(
+                    recorder._by_sha[sha], [as_str(k) for k in keys_and_args[:numkeys]],
+                    [as_str(a) for a in keys_and_args[numkeys:]]))
+            return original_evalsha(pipe, sha, numkeys, *keys_and_args)
+
         aioredis.Redis.register_script = register  # type: ignore[method-assign]
+        Pipeline.evalsha = evalsha  # type: ignore[method-assign,assignment]
         try:
             yield self
         finally:
             aioredis.Redis.register_script = original  # type: ignore[method-assign]
+            Pipeline.evalsha = original_evalsha  # type: ignore[method-assign]
 
 
 @dataclass

@@ -23,12 +23,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
+from collections.abc import Callable
 from typing import Any
 
 import redis.asyncio as aioredis
 import structlog
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import NoScriptError, RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from roomcast import clock
@@ -49,6 +49,7 @@ from roomcast.backends.redis_common import (
     load_script,
     unavailable_on_redis_error,
 )
+from roomcast.backends.redis_pubsub import Subscription
 from roomcast.config import Config
 from roomcast.protocol.envelopes import finish_message
 
@@ -61,6 +62,14 @@ BACKOFF_BASE = 0.1
 #: half-open connection is noticed (at most PUBSUB_IDLE_PING + --redis-timeout + a tick).
 PUBSUB_READ_TICK = 1.0
 PUBSUB_IDLE_PING = 5.0
+#: Most publishes sent to Redis in one pipeline (one round trip); more wait for the next one.
+#: A constant: large enough that a busy node needs few round trips, small enough that one
+#: pipeline's replies are a few tens of KB.
+PUBLISH_BATCH = 256
+
+#: A publish waiting in the queue: lua/publish.lua's KEYS, ARGV and the caller's future.
+_Queued = tuple[list[str], list[bytes | str | int], "asyncio.Future[Any]"]
+
 #: Seconds between two write probes. A constant: readiness should follow Redis within about a
 #: second, and one tiny SET per second and node costs Redis nothing.
 PROBE_INTERVAL = 1.0
@@ -78,10 +87,22 @@ _UNITS = {"b": 1, "k": 1000, "kb": 1024, "m": 1000**2, "mb": 1024**2, "g": 1000*
           "gb": 1024**3}
 
 
-def parse_frame(room: str, data: bytes) -> Publication:
-    """Split a pub/sub frame into its header fields and the envelope bytes."""
+def parse_frame(channel: bytes, data: bytes,
+                room_of_channel: Callable[[str], str] | None = None) -> Publication:
+    """Split a pub/sub frame into its header fields and the envelope bytes.
+
+    The header's fifth field, when there is one, is the room (a partition's channel carries
+    several rooms); otherwise the room is the channel's (``room_of_channel``).
+    """
     header, _, payload = data.partition(b"\n")
-    offset, epoch, ts_us, origin = header.split(b" ", 3)
+    fields = header.split(b" ", 4)
+    offset, epoch, ts_us, origin = fields[:4]
+    if len(fields) == 5:
+        room = fields[4].decode()
+    elif room_of_channel is not None:
+        room = room_of_channel(channel.decode())
+    else:
+        raise ValueError("a frame without its room on a channel of no room")
     # An event's header carries "-" for its (absent) epoch: events have none, as in memory.
     return Publication(
         room, payload, int(offset), "" if epoch == b"-" else epoch.decode(), origin.decode(),
@@ -144,9 +165,14 @@ class RedisBroker:
         self._subscribe_timeout = config.redis_timeout
         self._backoff_cap = config.redis_retry_max
         self._publish_script = redis.register_script(load_script("publish"))
+        self._queue: list[_Queued] = []
+        self._sender: asyncio.Task[None] | None = None
         self._rooms: set[str] = set()
         self._pending: dict[str, asyncio.Future[None]] = {}
-        self._pubsub: Any = None
+        self._pubsub: Subscription | None = None
+        self._control_channel = keys.control().encode()
+        #: The rooms the current connection subscribed, and whether it is a resubscribe.
+        self._resubscribed: tuple[list[str], bool] = ([], False)
         self._connected = asyncio.Event()
         self._reader: asyncio.Task[None] | None = None
         self._prober: asyncio.Task[None] | None = None
@@ -178,12 +204,12 @@ class RedisBroker:
         return True
 
     async def close(self) -> None:
-        for task in (self._reader, self._prober, self._limit_check):
+        for task in (self._reader, self._prober, self._limit_check, self._sender):
             if task is not None:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
-        self._reader = self._prober = self._limit_check = None
+        self._reader = self._prober = self._limit_check = self._sender = None
         self._connected.clear()
         clients = (self._redis, self._pubsub_client, self._probe_client)
         for client in {id(client): client for client in clients}.values():
@@ -203,7 +229,7 @@ class RedisBroker:
         waiter = self._pending.get(channel)
         if waiter is None or waiter.done():
             waiter = self._pending[channel] = asyncio.get_running_loop().create_future()
-            await self._pubsub.subscribe(channel)
+            self._pubsub.subscribe(channel)
         try:
             await asyncio.wait_for(asyncio.shield(waiter), self._subscribe_timeout)
         except TimeoutError:
@@ -215,21 +241,26 @@ class RedisBroker:
         self._rooms.discard(room)
         self._pending.pop(self._keys.channel(room), None)
         if self._pubsub is not None and self._connected.is_set():
-            with contextlib.suppress(RedisError, OSError):
-                await self._pubsub.unsubscribe(self._keys.channel(room))
+            self._pubsub.unsubscribe(self._keys.channel(room))
 
     async def _read_forever(self) -> None:
         backoff = BACKOFF_BASE
         first = True
         while True:
-            pubsub = self._pubsub_client.pubsub()
+            sub: Subscription | None = None
+            watchdog: asyncio.Task[None] | None = None
             try:
-                rooms = list(self._rooms)
-                # A control channel keeps the connection in subscribed mode with no rooms.
-                await pubsub.subscribe(
-                    self._keys.control(), *(self._keys.channel(room) for room in rooms))
-                self._pubsub = pubsub
-                await self._read(pubsub, rooms, resubscribed=not first)
+                pool = self._pubsub_client.connection_pool
+                connection = pool.make_connection()  # type: ignore[no-untyped-call]  # unannotated in redis-py
+                sub = await Subscription.open(connection, self._message, self._confirmed)
+                self._resubscribed = (list(self._rooms), not first)
+                # A control channel keeps the connection in subscribed mode with no rooms; its
+                # confirmation, first of this command's, is the moment the node is connected.
+                sub.subscribe(self._keys.control(),
+                              *(self._keys.channel(room) for room in self._resubscribed[0]))
+                self._pubsub = sub
+                watchdog = asyncio.create_task(self._watch(sub), name="redis-pubsub-watchdog")
+                await sub.run()
             except asyncio.CancelledError:
                 raise
             except (RedisError, OSError) as exc:
@@ -246,66 +277,72 @@ class RedisBroker:
             finally:
                 self._connected.clear()
                 self._pubsub = None
+                if watchdog is not None:
+                    watchdog.cancel()
                 for waiter in self._pending.values():
                     if not waiter.done():
                         waiter.set_exception(BrokerUnavailable("redis connection lost"))
                         waiter.exception()  # Mark retrieved: nobody may be waiting any more.
                 self._pending.clear()
-                with contextlib.suppress(RedisError, OSError, RuntimeError):
-                    await pubsub.aclose()  # type: ignore[no-untyped-call]  # unannotated in redis-py
+                if sub is not None:
+                    with contextlib.suppress(RedisError, OSError, RuntimeError):
+                        await sub.close()
             first = False
             # Full jitter (AWS architecture blog): spreads a cluster's reconnects to Redis.
             await asyncio.sleep(random.uniform(backoff / 2, backoff))
             backoff = min(backoff * 2, self._backoff_cap)
 
-    async def _read(self, pubsub: Any, rooms: list[str], resubscribed: bool) -> None:
-        control = self._keys.control()
-        room_of = self._keys.room_of_channel
+    async def _watch(self, sub: Subscription) -> None:
+        """Liveness: a pub/sub connection that went half-open (a Redis host gone, a NAT entry
+        dropped) delivers nothing and fails nothing. When it has been idle for
+        PUBSUB_IDLE_PING, a PING goes out; no answer within --redis-timeout counts as a lost
+        connection, so the resubscribe and its refill bring back what was missed."""
         loop = asyncio.get_running_loop()
-        # Liveness: a pub/sub connection that went half-open (a Redis host gone, a NAT entry
-        # dropped) delivers nothing and fails nothing. When it has been idle for
-        # PUBSUB_IDLE_PING, a PING goes out; no answer within --redis-timeout counts as a lost
-        # connection, so the resubscribe and its refill bring back what was missed.
-        last_seen = loop.time()
         pinged_at: float | None = None
         while True:
-            message = await pubsub.get_message(timeout=PUBSUB_READ_TICK)
+            await asyncio.sleep(PUBSUB_READ_TICK)
             now = loop.time()
-            if message is None:
-                if pinged_at is not None and now - pinged_at > self._subscribe_timeout:
-                    raise RedisConnectionError("redis pubsub connection did not answer a PING")
-                if pinged_at is None and now - last_seen > PUBSUB_IDLE_PING:
-                    pinged_at = now
-                    await pubsub.ping()
+            if pinged_at is not None and sub.last_seen <= pinged_at:
+                if now - pinged_at > self._subscribe_timeout:
+                    sub.abort("redis pubsub connection did not answer a PING")
+                    return
                 continue
-            last_seen, pinged_at = now, None
-            kind = message["type"]
-            if kind == "pong":
-                continue
-            channel = as_str(message["channel"])
-            if kind == "message" and channel == control:
-                if self._on_control is not None:
-                    self._on_control(message["data"])
-            elif kind == "message":
-                if self._on_publication is not None:
-                    try:
-                        publication = parse_frame(room_of(channel), message["data"])
-                    except (ValueError, UnicodeDecodeError):
-                        # Not a roomcast frame (someone else PUBLISHed on our channel): drop it.
-                        log.warning("dropped a pub/sub message that is not a roomcast frame",
-                                    channel=channel)
-                        continue
-                    self._on_publication(publication)
-            elif kind == "subscribe":
-                if not self._connected.is_set() and channel == control:
-                    self._connected.set()
-                    log.info("redis pubsub connected", rooms=len(rooms))
-                    self._start_limit_check()
-                    if resubscribed and rooms and self._on_resubscribed is not None:
-                        self._on_resubscribed(rooms)
-                waiter = self._pending.pop(channel, None)
-                if waiter is not None and not waiter.done():
-                    waiter.set_result(None)
+            pinged_at = None
+            if now - sub.last_seen > PUBSUB_IDLE_PING:
+                pinged_at = now
+                sub.ping()
+
+    def _message(self, kind: bytes, channel: bytes, data: bytes) -> None:
+        """Subscription's callback for every message, in the order Redis sent them."""
+        if channel == self._control_channel:
+            if self._on_control is not None:
+                self._on_control(data)
+            return
+        if self._on_publication is None:
+            return
+        try:
+            publication = parse_frame(channel, data, self._keys.room_of_channel)
+        except (ValueError, UnicodeDecodeError):
+            # Not a roomcast frame (someone else PUBLISHed on our channel): drop it.
+            log.warning("dropped a pub/sub message that is not a roomcast frame",
+                        channel=as_str(channel))
+            return
+        self._on_publication(publication)
+
+    def _confirmed(self, kind: bytes, channel: bytes) -> None:
+        """Subscription's callback for every (un)subscribe confirmation."""
+        if kind != b"subscribe":
+            return
+        if not self._connected.is_set() and channel == self._control_channel:
+            rooms, resubscribed = self._resubscribed
+            self._connected.set()
+            log.info("redis pubsub connected", rooms=len(rooms))
+            self._start_limit_check()
+            if resubscribed and rooms and self._on_resubscribed is not None:
+                self._on_resubscribed(rooms)
+        waiter = self._pending.pop(as_str(channel), None)
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
 
     # --- health -----------------------------------------------------------------------------
 
@@ -387,11 +424,77 @@ class RedisBroker:
             # one script in the room's slot (see lua/publish.lua).
             keys.append(self._keys.idempotency(room, idempotency_key))
             args.append(idempotency_window_ms(window))
-        offset, epoch, duplicate = await self._publish_script(keys=keys, args=args)
+        # Nothing awaited before this line: publishes enter the queue in the order they were
+        # called, which is the order Redis runs them (one pipeline at a time, in order), so one
+        # connection's publishes keep their order however many are in flight.
+        offset, epoch, duplicate = await self._enqueue(keys, args)
         offset, epoch = int(offset), as_str(epoch)
         if duplicate:
             return Publication(room, b"", offset, epoch, origin, 0, duplicate=True)
         return Publication(room, finish_message(prefix, offset, epoch), offset, epoch, origin)
+
+    def _enqueue(self, keys: list[str], args: list[bytes | str | int]) -> asyncio.Future[Any]:
+        """Queue one run of lua/publish.lua; its future gets the script's reply."""
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._queue.append((keys, args, future))
+        if self._sender is None or self._sender.done():
+            self._sender = asyncio.create_task(self._send_publishes(), name="redis-publisher")
+        return future
+
+    async def _send_publishes(self) -> None:
+        """Send the queued publishes, PUBLISH_BATCH at most per pipeline (one round trip), one
+        pipeline at a time: while one is in flight the next batch gathers. A failed pipeline
+        fails each of its publishes (the caller answers 'unavailable'; with an idempotency key
+        a retry is safe), never a later one."""
+        queue = self._queue
+        while queue:
+            batch = queue[:PUBLISH_BATCH]
+            del queue[:PUBLISH_BATCH]
+            try:
+                replies = await self._run(batch)
+            except asyncio.CancelledError:
+                for _, _, future in batch + queue:
+                    if not future.done():
+                        future.set_exception(BrokerUnavailable("broker is closed"))
+                queue.clear()
+                raise
+            except Exception as exc:  # Task boundary: each publish gets the failure.
+                if not isinstance(exc, RedisError | OSError):
+                    log.error("redis publisher crashed", exc_info=True)
+                replies = [exc] * len(batch)
+            for (_, _, future), reply in zip(batch, replies, strict=True):
+                if future.done():
+                    continue  # Its caller was cancelled.
+                if isinstance(reply, BaseException):
+                    future.set_exception(reply)
+                else:
+                    future.set_result(reply)
+
+    async def _run(self, batch: list[_Queued]) -> list[Any]:
+        """Run a batch of publish.lua calls in one pipeline; each reply or its error."""
+        script = self._publish_script
+        replies = await self._pipeline(script.sha, batch)
+        missing = [i for i, reply in enumerate(replies) if isinstance(reply, NoScriptError)]
+        if missing:
+            # Redis lost its scripts (a restart, SCRIPT FLUSH): a NOSCRIPT ran nothing, and
+            # every later call of the batch failed the same way, so the failed ones are run
+            # again, still in order.
+            await self._redis.script_load(script.script)
+            again = await self._pipeline(script.sha, [batch[i] for i in missing])
+            for i, reply in zip(missing, again, strict=True):
+                replies[i] = reply
+        return replies
+
+    async def _pipeline(self, sha: str, batch: list[_Queued]) -> list[Any]:
+        pipe = self._redis.pipeline(transaction=False)
+        for keys, args, _ in batch:
+            pipe.evalsha(sha, len(keys), *keys, *args)
+        replies: list[Any] = await pipe.execute(raise_on_error=False)
+        for reply in replies:
+            if isinstance(reply, RedisError):
+                # Errors in place do not raise: report them as a failed command would be.
+                self.health.failed(reply, "EVALSHA")
+        return replies
 
     @unavailable_on_redis_error
     async def publish_event(self, room: str, payload: bytes, origin: str = "") -> None:

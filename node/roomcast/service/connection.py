@@ -70,4 +70,12 @@ class Fanout(Protocol):
     def send(self, connections: Iterable[Any], payload: bytes, skip: str = "") -> int:
         """Queue ``payload`` to each connection except the one whose conn_id is ``skip``;
         returns how many it reached. ``connections`` are the transport's own Connection
-        objects, as it joined them to rooms (typed Any: each transport knows its own)."""
+        objects, as it joined them to rooms (typed Any: each transport knows its own).
+
+        ``connections`` may be a room's member group itself (a dict that Rooms keeps): the
+        transport may then queue the payload once for the whole group and hand it to the
+        members later, in order, as long as it does so before the group changes (Rooms calls
+        ``settle`` first) and before anything else is written to them; it may return 0 then."""
+
+    def settle(self) -> None:
+        """Hand what is queued for member groups to their members now (see send)."""

@@ -131,6 +131,7 @@ class Rooms:
         await asyncio.shield(task)
 
     def _promote(self, room: Room, conn: Connection) -> list[Publication]:
+        self._fanout.settle()  # What was delivered before it joined is not for it.
         queued = room.pending.pop(conn, [])
         room.members.setdefault(conn.codec, {})[conn] = None
         return queued
@@ -149,6 +150,7 @@ class Rooms:
             return
         group = room.members.get(conn.codec)
         if group is not None:
+            self._fanout.settle()  # What was delivered while it was a member is still for it.
             group.pop(conn, None)
             if not group:
                 del room.members[conn.codec]

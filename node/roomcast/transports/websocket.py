@@ -69,6 +69,10 @@ from roomcast.transports.writer import FrameWriter, SendBudget
 log = structlog.get_logger("roomcast.conn")
 
 MAX_IDENTITY_LENGTH = 64
+#: Publishes of one connection in flight at once (read-ahead, WebSocketHandler._publish): a
+#: constant, as it only bounds what one connection holds in the node (at most this many
+#: messages of --max-message-size) while its round trips to Redis overlap.
+PUBLISH_WINDOW = 64
 FASTAPI_PREFIX = "/ws/chat/"
 
 
@@ -597,29 +601,92 @@ class WebSocketEndpoint:
     # --- the one loop ------------------------------------------------------------------------
 
     async def _serve(self, session: Session, codec: Codec) -> None:
+        # Publishes in flight, oldest first: read-ahead (see _publish).
+        inflight: collections.deque[tuple[asyncio.Future[Any], envelopes.Publish]] = (
+            collections.deque())
         async for frame in self._admitted(session, codec):
             rid = None
             try:
                 request = codec.decode(frame)
                 rid = request.id
                 self.metrics.messages_in.labels(type=type(request).__name__.lower()).inc()
+                if type(request) is envelopes.Publish:
+                    await self._publish(session, codec, request, inflight)
+                    continue
+                if inflight:  # Every reply in request order: the publishes' acks first.
+                    await self._settle(session, codec, inflight, 0)
                 await self._execute(session, codec, request)
-            except ProtocolError as exc:
-                self.metrics.errors.labels(code=exc.code).inc()
-                error_id = exc.request_id if exc.request_id is not None else rid
-                session.send(codec.error(exc.code, exc.message, error_id, **exc.extra))
-            except BrokerUnavailable:
-                self.metrics.errors.labels(code=ErrorCode.UNAVAILABLE).inc()
-                session.send(codec.error(ErrorCode.UNAVAILABLE, UNAVAILABLE_TEXT, rid))
+            except Exception as exc:
+                if not self._refused(session, codec, exc, rid):
+                    raise
+        # The client is gone: what it published is in Redis' queue, and its acks go nowhere.
+
+    async def _publish(self, session: Session, codec: Codec, request: envelopes.Publish,
+                       inflight: collections.deque[tuple[asyncio.Future[Any],
+                                                         envelopes.Publish]]) -> None:
+        """Read-ahead: start the publish and go on reading the connection while it is in
+        flight, up to PUBLISH_WINDOW of them. With a broker over Redis a publish waits for its
+        round trip; one at a time, a connection could publish no faster than one per round
+        trip (and per fan-out queued behind it), and nothing would be left to coalesce.
+
+        Order: the publishes start in the order they were read and none awaits anything
+        before the broker has queued it (broker_redis.RedisBroker.publish), so they reach
+        Redis in that order; their acks (or errors) are sent in that order too (_settle),
+        and any other request waits until every publish before it was answered.
+        """
+        if len(inflight) >= PUBLISH_WINDOW:
+            await self._settle(session, codec, inflight, PUBLISH_WINDOW - 1)
+        task = asyncio.ensure_future(self.service.publish(session, request.room, request.data))
+        inflight.append((task, request))
+        task.add_done_callback(lambda _: self._answer_publishes(session, codec, inflight))
+
+    async def _settle(self, session: Session, codec: Codec,
+                      inflight: collections.deque[tuple[asyncio.Future[Any], envelopes.Publish]],
+                      keep: int) -> None:
+        """Wait until at most ``keep`` publishes are in flight, their replies sent."""
+        while len(inflight) > keep:
+            await asyncio.wait([inflight[0][0]])
+            self._answer_publishes(session, codec, inflight)
+
+    def _answer_publishes(
+        self, session: Session, codec: Codec,
+        inflight: collections.deque[tuple[asyncio.Future[Any], envelopes.Publish]],
+    ) -> None:
+        """Send the replies of the finished publishes at the head of ``inflight``, in order."""
+        while inflight and inflight[0][0].done():
+            task, request = inflight.popleft()
+            exc = task.exception()
+            if exc is None:
+                publication = task.result()
+                out = codec.published(request.room, publication.offset, publication.epoch,
+                                      request.id)
+                if out is not None:
+                    session.send(out)
+            elif not self._refused(session, codec, exc, request.id):
+                # As an exception out of the loop would (handle): logged, closed with 1011.
+                log.error("handler crashed", exc_info=exc)
+                self.metrics.errors.labels(code=ErrorCode.INTERNAL).inc()
+                session.close(CloseCode.INTERNAL_ERROR, "internal error")
+
+    def _refused(self, session: Session, codec: Codec, exc: BaseException, rid: Any) -> bool:
+        """Answer a request the service refused (ProtocolError) or could not serve now
+        (BrokerUnavailable); False for any other exception, which is not the client's."""
+        if isinstance(exc, ProtocolError):
+            self.metrics.errors.labels(code=exc.code).inc()
+            error_id = exc.request_id if exc.request_id is not None else rid
+            session.send(codec.error(exc.code, exc.message, error_id, **exc.extra))
+            return True
+        if isinstance(exc, BrokerUnavailable):
+            self.metrics.errors.labels(code=ErrorCode.UNAVAILABLE).inc()
+            session.send(codec.error(ErrorCode.UNAVAILABLE, UNAVAILABLE_TEXT, rid))
+            return True
+        return False
 
     async def _execute(self, session: Session, codec: Codec, request: Request) -> None:
         """One request, one service call; the outcome is encoded by the session's codec."""
         service = self.service
         out: bytes | None = None
         match request:
-            case envelopes.Publish(room, data, rid):
-                publication = await service.publish(session, room, data)
-                out = codec.published(room, publication.offset, publication.epoch, rid)
             case envelopes.Join(room, rid, since, nick, token):
                 def reply(joined: Joined) -> None:
                     answer = codec.joined(room, rid, **_position(joined, since is not None))

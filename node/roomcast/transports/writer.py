@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import struct
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
 import structlog
@@ -27,6 +27,12 @@ if TYPE_CHECKING:
     from roomcast.transports.session import Session
 
 log = structlog.get_logger("roomcast.writer")
+
+#: Least seconds between two flushes: the first frames after a quiet spell go out on the next
+#: loop turn; under load, whatever arrives within this interval of the last flush waits for
+#: the next one and shares its writes (one syscall per connection). It bounds what the
+#: coalescing adds to a message's latency.
+FLUSH_INTERVAL = 0.001
 
 _TEXT_FIN = 0x81  # FIN bit + opcode 0x1 (text), RFC 6455 section 5.2.
 
@@ -55,9 +61,14 @@ def raw_writable(ws: ServerConnection) -> bool:
 class FrameWriter:
     """Coalescing writer of pre-built frames; one per node, used on the event loop thread."""
 
-    def __init__(self) -> None:
+    def __init__(self, interval: float = FLUSH_INTERVAL) -> None:
         self._pending: dict[ServerConnection, list[bytes]] = {}
         self._scheduled = False
+        self._interval = interval
+        self._flushed_at = 0.0
+        #: Called before anything is written (SessionFanout.settle): queued room-wide frames
+        #: join the connections' pending lists first, so that nothing overtakes them.
+        self.before_write: Callable[[], None] | None = None
         #: Writes made and frames written, for tests and the benchmark.
         self.writes = 0
         self.frames = 0
@@ -84,15 +95,42 @@ class FrameWriter:
             elif ws.protocol.state is OPEN:
                 self.write_now(ws, payload)
                 reached += 1
-        if pending and not self._scheduled:
-            self._scheduled = True
-            asyncio.get_running_loop().call_soon(self.flush)
+        self.frames += reached
+        if pending:
+            self.schedule()
         return reached
+
+    def queue(self, ws: ServerConnection, data: bytes, frames: int) -> None:
+        """Append ``data`` (``frames`` complete frames) to what is pending for ``ws``; the
+        caller checked raw_writable and schedules the flush."""
+        queue = self._pending.get(ws)
+        if queue is None:
+            self._pending[ws] = [data]
+        else:
+            queue.append(data)
+        self.frames += frames
+
+    def schedule(self) -> None:
+        """Flush on the next loop turn, or FLUSH_INTERVAL after the last flush if sooner."""
+        if not self._scheduled:
+            self._scheduled = True
+            loop = asyncio.get_running_loop()
+            wait = self._flushed_at + self._interval - loop.time()
+            if wait > 0:  # Busy: what comes in meanwhile goes out in the same writes.
+                loop.call_later(wait, self.flush)
+            else:
+                loop.call_soon(self.flush)
 
     def write_now(self, ws: ServerConnection, payload: bytes) -> None:
         """Write ``payload`` to one connection at once, after what is pending for it, so a
         reply never overtakes a publication queued before it. Does not yield."""
+        if self.before_write is not None:
+            self.before_write()
         self.flush_one(ws)
+        self.write_extended(ws, payload)
+
+    def write_extended(self, ws: ServerConnection, payload: bytes) -> None:
+        """Write ``payload`` to ``ws`` now, through its extension if it negotiated one."""
         if raw_writable(ws):
             ws.transport.write(text_frame(payload))
         elif ws.protocol.state is OPEN and ws.send_in_progress is None:
@@ -108,6 +146,9 @@ class FrameWriter:
     def flush(self) -> None:
         """Write every connection's pending frames, one write per connection."""
         self._scheduled = False
+        self._flushed_at = asyncio.get_running_loop().time()
+        if self.before_write is not None:
+            self.before_write()
         pending, self._pending = self._pending, {}
         for ws, frames in pending.items():
             self._write(ws, frames)
@@ -119,7 +160,6 @@ class FrameWriter:
             return
         ws.transport.write(frames[0] if len(frames) == 1 else b"".join(frames))
         self.writes += 1
-        self.frames += len(frames)
 
 
 class SendBudget:
@@ -157,13 +197,35 @@ class SendBudget:
 
 class SessionFanout:
     """The service's ``Fanout`` over WebSocket sessions: the slow-consumer policy, then one
-    pre-built frame per message through the node's ``FrameWriter``."""
+    pre-built frame per message through the node's ``FrameWriter``.
+
+    A room's member group (the dict Rooms keeps per codec) is not walked per message: its
+    messages queue in an outbox of the group, and ``settle`` (before any write: the writer's
+    ``before_write``) hands each member all of them as one joined chunk, after one look at its
+    send budget. A burst of N messages to M members thus costs M appends, not N x M. Rooms
+    settles before it changes a group (``settle``), so a member gets exactly the messages
+    delivered while it was in the group. The slow-consumer check is made per settle, so a
+    client can hold --max-send-buffer plus what reached its room in one flush interval.
+    """
 
     def __init__(self, writer: FrameWriter, metrics: Metrics, max_send_buffer: int) -> None:
         self.writer = writer
         self.budget = SendBudget(metrics, max_send_buffer)
+        self._metrics = metrics
+        #: id(group) -> (group, [(payload, skip conn_id)]): held, the group's id stays unique.
+        self._outbox: dict[int, tuple[dict[Any, None], list[tuple[bytes, str]]]] = {}
+        writer.before_write = self.settle
 
     def send(self, connections: Iterable[Any], payload: bytes, skip: str = "") -> int:
+        if type(connections) is dict:  # A room's member group: queued once for all of them.
+            box = self._outbox.get(id(connections))
+            if box is None:
+                self._outbox[id(connections)] = (connections, [(payload, skip)])
+                self.writer.schedule()
+            else:
+                box[1].append((payload, skip))
+            return 0  # Counted in roomcast_messages_out when settled.
+        self.settle()  # A list of some members (rare): in order after what is queued.
         targets = []
         budget = self.budget
         limit = budget.max_send_buffer
@@ -176,3 +238,42 @@ class SessionFanout:
                 continue
             targets.append(session.ws)
         return self.writer.send(targets, payload)
+
+    def settle(self) -> None:
+        """Hand every queued group message to its members' pending writes, in order."""
+        if not self._outbox:
+            return
+        outbox, self._outbox = self._outbox, {}
+        writer, budget = self.writer, self.budget
+        limit = budget.max_send_buffer
+        delivered = 0
+        for group, entries in outbox.values():
+            frames = [text_frame(payload) for payload, _ in entries]
+            chunk = frames[0] if len(frames) == 1 else b"".join(frames)
+            count = len(frames)
+            skips = {skip for _, skip in entries if skip}
+            for session in group:
+                if session.slow:
+                    continue
+                ws = session.ws
+                if ws.transport.get_write_buffer_size() > limit:
+                    budget.cut(session)
+                    continue
+                data, n = chunk, count
+                if skips and session.conn_id in skips:  # An event "to the others": not it.
+                    own = [f for f, (_, skip) in zip(frames, entries, strict=True)
+                           if skip != session.conn_id]
+                    data, n = b"".join(own), len(own)
+                    if not n:
+                        continue
+                if raw_writable(ws):
+                    writer.queue(ws, data, n)
+                    delivered += n
+                elif ws.protocol.state is OPEN:  # Compressed: each message through websockets.
+                    writer.flush_one(ws)
+                    for payload, skip in entries:
+                        if skip != session.conn_id:
+                            writer.write_extended(ws, payload)
+                    delivered += n
+        # The flush that writes them was scheduled when each outbox was opened (send).
+        self._metrics.messages_out.inc(delivered)
