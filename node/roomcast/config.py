@@ -59,6 +59,15 @@ class Config:
         5.0, "Longest pause between reconnect attempts to Redis (full jitter, doubling from "
         "0.1 s)."
     )
+    redis_cluster: bool = _opt(
+        False, "The --redis-url names a seed node of a Redis Cluster: rooms spread over "
+        "--redis-partitions partitions with sharded pub/sub (SPUBLISH/SSUBSCRIBE)."
+    )
+    redis_partitions: int = _opt(
+        128, "With --redis-cluster: partitions the rooms are spread over (a stable hash); each "
+        "is a hash tag and one sharded channel. The same on every node; changing it moves "
+        "every room's keys."
+    )
     log_format: str = _opt(
         "auto", "Log output: json, console, or auto (console on a tty, JSON otherwise).",
         choices=("auto", "json", "console"),
@@ -248,6 +257,9 @@ class Config:
              "must be at least 1"),
             ("history_size", self.history_size >= 0, "must be 0 or more"),
             ("redis_pool_size", self.redis_pool_size >= 2, "must be at least 2"),
+            ("redis_partitions", 1 <= self.redis_partitions <= 16384, "must be 1 to 16384"),
+            ("redis_cluster", not self.redis_cluster or self.redis_url is not None,
+             "needs --redis-url (a seed node of the cluster)"),
             ("max_reply_size", self.max_reply_size >= 1024, "must be at least 1024 bytes"),
             ("max_nick_length", self.max_nick_length >= 1, "must be at least 1"),
             ("max_chat_length", self.max_chat_length >= 1, "must be at least 1"),
@@ -331,8 +343,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         flag = "--" + f.name.replace("_", "-")
         env = ENV_PREFIX + f.name.upper()
         help_text = f"{f.metadata['help']} [env {env}, default {_show_default(f)}]"
+        # A boolean may stand alone (--redis-cluster) or take a value (--compression off).
+        extra: dict[str, Any] = (
+            {"nargs": "?", "const": "true"} if f.type in (bool, "bool") else {})
         parser.add_argument(flag, dest=f.name, default=None, metavar=f.name.upper(),
-                            help=help_text)
+                            help=help_text, **extra)
 
 
 def _show_default(f: dataclasses.Field[Any]) -> str:

@@ -1,7 +1,9 @@
-"""The ``backend`` fixture: every contract test runs once on memory and once on Redis.
+"""The ``backend`` fixture: every contract test runs on memory, on Redis and on Redis Cluster.
 
 No Redis URL gives the memory versions, a URL the Redis ones (as ``roomcast.backends.build``
-chooses). One redis-server serves the whole session; each test gets a key prefix of its own.
+chooses), a URL with --redis-cluster the Redis ones over a three-master Redis Cluster (rooms in
+partitions, sharded pub/sub). One redis-server and one cluster serve the whole session; each
+test gets a key prefix of its own.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import pytest
 
 from tests.contract.factories import Backend, MemoryBackend, RedisBackend
 from tests.harness import RedisServer, running_redis
+from tests.rediscluster import RedisCluster, running_cluster
 
 
 @pytest.fixture(scope="session")
@@ -21,19 +24,40 @@ def contract_redis() -> Iterator[RedisServer]:
         yield server
 
 
-@pytest.fixture(params=["memory", "redis"])
-def redis_url(request: pytest.FixtureRequest) -> str | None:
-    """None for the memory run; the shared server's URL for the Redis run."""
-    if request.param == "memory":
+@pytest.fixture(scope="session")
+def contract_redis_cluster() -> Iterator[RedisCluster]:
+    """One real three-master Redis Cluster for every contract test (isolated by key prefix)."""
+    with running_cluster(masters=3, replicas=0) as cluster:
+        yield cluster
+
+
+@pytest.fixture(params=["memory", "redis", "redis-cluster"])
+def backend_kind(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+@pytest.fixture
+def redis_url(backend_kind: str, request: pytest.FixtureRequest) -> str | None:
+    """None for the memory run; the shared server's (or cluster seed's) URL otherwise."""
+    if backend_kind == "memory":
         return None
+    if backend_kind == "redis-cluster":
+        cluster: RedisCluster = request.getfixturevalue("contract_redis_cluster")
+        return cluster.seed_url
     server: RedisServer = request.getfixturevalue("contract_redis")
     return server.url
 
 
 @pytest.fixture
-async def backend(redis_url: str | None) -> AsyncIterator[Backend]:
+async def backend(backend_kind: str, redis_url: str | None) -> AsyncIterator[Backend]:
     """The factories of one implementation; closes all it built at teardown."""
-    built: Backend = MemoryBackend() if redis_url is None else RedisBackend(redis_url)
+    built: Backend
+    if redis_url is None:
+        built = MemoryBackend()
+    elif backend_kind == "redis-cluster":
+        built = RedisBackend(redis_url, redis_cluster=True)
+    else:
+        built = RedisBackend(redis_url)
     try:
         yield built
     finally:

@@ -138,22 +138,23 @@ class ScriptRecorder:
             self.registered.add(name)
             return Recording(original(client, script), name)
 
-        original_evalsha = Pipeline.evalsha
+        original_command = Pipeline.execute_command
 
-        def evalsha(pipe: Any, sha: str, numkeys: int, *keys_and_args: Any) -> Any:
-            if sha in recorder._by_sha:
+        def execute_command(pipe: Any, *args: Any, **options: Any) -> Any:
+            if args and args[0] == "EVALSHA" and args[1] in recorder._by_sha:
+                numkeys = args[2]
                 recorder.calls.append(ScriptCall(
-                    recorder._by_sha[sha], [as_str(k) for k in keys_and_args[:numkeys]],
-                    [as_str(a) for a in keys_and_args[numkeys:]]))
-            return original_evalsha(pipe, sha, numkeys, *keys_and_args)
+                    recorder._by_sha[args[1]], [as_str(k) for k in args[3:3 + numkeys]],
+                    [as_str(a) for a in args[3 + numkeys:]]))
+            return original_command(pipe, *args, **options)
 
         aioredis.Redis.register_script = register  # type: ignore[method-assign]
-        Pipeline.evalsha = evalsha  # type: ignore[method-assign,assignment]
+        Pipeline.execute_command = execute_command  # type: ignore[method-assign]
         try:
             yield self
         finally:
             aioredis.Redis.register_script = original  # type: ignore[method-assign]
-            Pipeline.evalsha = original_evalsha  # type: ignore[method-assign]
+            Pipeline.execute_command = original_command  # type: ignore[method-assign]
 
 
 @dataclass

@@ -13,6 +13,7 @@ suite per seam against both implementations. A Redis broker carries the node's `
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from roomcast.backends.broker import Broker, MemoryBroker
 from roomcast.backends.history import History, MemoryHistory
@@ -45,16 +46,18 @@ def build(config: Config, namespaces: Namespaces | None = None) -> Backends:
     from roomcast.backends.history_redis import RedisHistory
     from roomcast.backends.keys import Keys
     from roomcast.backends.presence_redis import RedisPresence
-    from roomcast.backends.redis_common import RedisHealth, connect
+    from roomcast.backends.redis_common import RedisHealth, connect, connect_cluster
 
-    keys = Keys(config.redis_prefix)
+    # --redis-cluster: rooms in partitions (hash tags, sharded channels), Redis Cluster clients.
+    keys = Keys(config.redis_prefix, config.redis_partitions if config.redis_cluster else 0)
     health = RedisHealth()
     # One pool for commands (broker, history, presence), sized by --redis-pool-size; the
     # pub/sub reader and the health probe have small pools of their own, so that neither waits
     # behind a burst of commands.
-    redis = connect(config, health=health)
-    pubsub = connect(config, retries=0, role="pubsub", pool_size=2)
-    probe = connect(config, retries=0, role="health", pool_size=2)
+    client: Any = connect_cluster if config.redis_cluster else connect
+    redis = client(config, health=health)
+    pubsub = client(config, retries=0, role="pubsub", pool_size=2)
+    probe = client(config, retries=0, role="health", pool_size=2)
     return Backends(
         RedisBroker(redis, keys, config, pubsub_client=pubsub, probe_client=probe,
                     health=health, retention=retention),

@@ -110,8 +110,10 @@ def parse_frame(channel: bytes, data: bytes,
     )
 
 
-def event_frame(payload: bytes, origin: str) -> bytes:
-    return b"0 - %d %s\n" % (clock.now_us(), origin.encode()) + payload
+def event_frame(payload: bytes, origin: str, room: str | None = None) -> bytes:
+    """The frame of an ephemeral event; with ``room``, naming it (a partition's channel)."""
+    tail = origin if room is None else f"{origin} {room}"
+    return b"0 - %d %s\n" % (clock.now_us(), tail.encode()) + payload
 
 
 def _memory(text: str) -> int:
@@ -167,12 +169,22 @@ class RedisBroker:
         self._publish_script = redis.register_script(load_script("publish"))
         self._queue: list[_Queued] = []
         self._sender: asyncio.Task[None] | None = None
+        #: Partitioned channels and sharded pub/sub (--redis-cluster): see keys.Keys.
+        self._sharded = keys.partitions > 0
         self._rooms: set[str] = set()
+        #: channel -> the rooms subscribed through it (one each without partitions).
+        self._channel_rooms: dict[str, set[str]] = {}
+        #: Channels the current connections confirmed.
+        self._live: set[str] = set()
         self._pending: dict[str, asyncio.Future[None]] = {}
-        self._pubsub: Subscription | None = None
+        #: The current pub/sub connections: one (key "") on one Redis; one per master of a
+        #: Redis Cluster (by node name), the first of which also carries the control channel.
+        self._subs: dict[str, Subscription] = {}
         self._control_channel = keys.control().encode()
-        #: The rooms the current connection subscribed, and whether it is a resubscribe.
+        #: The rooms the current connections subscribed, whether it is a resubscribe, and how
+        #: many confirmations are still to come before the node counts as connected.
         self._resubscribed: tuple[list[str], bool] = ([], False)
+        self._awaiting = 0
         self._connected = asyncio.Event()
         self._reader: asyncio.Task[None] | None = None
         self._prober: asyncio.Task[None] | None = None
@@ -221,15 +233,22 @@ class RedisBroker:
     @unavailable_on_redis_error
     async def subscribe(self, room: str) -> None:
         self._rooms.add(room)
-        if not self._connected.is_set() or self._pubsub is None:
+        channel = self._keys.channel(room)
+        self._channel_rooms.setdefault(channel, set()).add(room)
+        if not self._connected.is_set() or not self._subs:
             # The reader subscribes every room when it (re)connects; the caller must not think
             # it will get live messages before then.
             raise BrokerUnavailable("redis is unavailable")
-        channel = self._keys.channel(room)
+        if channel in self._live:  # Another room of its partition has it already.
+            return
         waiter = self._pending.get(channel)
         if waiter is None or waiter.done():
+            sub = self._subscription_of(channel)
             waiter = self._pending[channel] = asyncio.get_running_loop().create_future()
-            self._pubsub.subscribe(channel)
+            if self._sharded:
+                sub.ssubscribe(channel)
+            else:
+                sub.subscribe(channel)
         try:
             await asyncio.wait_for(asyncio.shield(waiter), self._subscribe_timeout)
         except TimeoutError:
@@ -239,28 +258,54 @@ class RedisBroker:
 
     async def unsubscribe(self, room: str) -> None:
         self._rooms.discard(room)
-        self._pending.pop(self._keys.channel(room), None)
-        if self._pubsub is not None and self._connected.is_set():
-            self._pubsub.unsubscribe(self._keys.channel(room))
+        channel = self._keys.channel(room)
+        rooms = self._channel_rooms.get(channel)
+        if rooms is not None:
+            rooms.discard(room)
+            if rooms:
+                return  # Other rooms of its partition still need the channel.
+            del self._channel_rooms[channel]
+        self._live.discard(channel)
+        self._pending.pop(channel, None)
+        if self._connected.is_set() and self._subs:
+            with contextlib.suppress(BrokerUnavailable):
+                sub = self._subscription_of(channel)
+                if self._sharded:
+                    sub.sunsubscribe(channel)
+                else:
+                    sub.unsubscribe(channel)
+
+    def _subscription_of(self, channel: str) -> Subscription:
+        """The connection that carries ``channel``: the one connection, or (sharded) the one
+        to the master of the channel's slot. A slot whose master has no connection here means
+        the cluster's topology changed: every connection starts over (and the node refills)."""
+        if not self._sharded:
+            return self._subs[""]
+        node = self._pubsub_client.get_node_from_key(channel)  # type: ignore[attr-defined]
+        sub = self._subs.get(node.name) if node is not None else None
+        if sub is None:
+            self._abort_all("the cluster's topology changed")
+            raise BrokerUnavailable("redis cluster topology changed")
+        return sub
+
+    def _abort_all(self, reason: str) -> None:
+        for sub in self._subs.values():
+            sub.abort(reason)
 
     async def _read_forever(self) -> None:
         backoff = BACKOFF_BASE
         first = True
         while True:
-            sub: Subscription | None = None
-            watchdog: asyncio.Task[None] | None = None
+            tasks: list[asyncio.Task[None]] = []
             try:
-                pool = self._pubsub_client.connection_pool
-                connection = pool.make_connection()  # type: ignore[no-untyped-call]  # unannotated in redis-py
-                sub = await Subscription.open(connection, self._message, self._confirmed)
-                self._resubscribed = (list(self._rooms), not first)
-                # A control channel keeps the connection in subscribed mode with no rooms; its
-                # confirmation, first of this command's, is the moment the node is connected.
-                sub.subscribe(self._keys.control(),
-                              *(self._keys.channel(room) for room in self._resubscribed[0]))
-                self._pubsub = sub
-                watchdog = asyncio.create_task(self._watch(sub), name="redis-pubsub-watchdog")
-                await sub.run()
+                await self._open(resubscribed=not first)
+                for sub in self._subs.values():
+                    tasks.append(asyncio.create_task(sub.run(), name="redis-pubsub-connection"))
+                    tasks.append(asyncio.create_task(self._watch(sub),
+                                                     name="redis-pubsub-watchdog"))
+                done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+                for task in done:
+                    task.result()  # Raises: a connection ends only by failing.
             except asyncio.CancelledError:
                 raise
             except (RedisError, OSError) as exc:
@@ -271,26 +316,60 @@ class RedisBroker:
                 else:
                     log.warning("redis unreachable", error=str(exc), retry_in=round(backoff, 2))
             except Exception:
-                # Task boundary: whatever went wrong, the reader must live on; a fresh
-                # connection and the resubscribe's refill are the safe way back.
+                # Task boundary: whatever went wrong, the reader must live on; fresh
+                # connections and the resubscribe's refill are the safe way back.
                 log.error("redis pubsub reader crashed; reconnecting", exc_info=True)
             finally:
                 self._connected.clear()
-                self._pubsub = None
-                if watchdog is not None:
-                    watchdog.cancel()
+                for task in tasks:
+                    task.cancel()
+                for task in tasks:
+                    with contextlib.suppress(BaseException):
+                        await task
+                subs, self._subs = self._subs, {}
+                self._live.clear()
                 for waiter in self._pending.values():
                     if not waiter.done():
                         waiter.set_exception(BrokerUnavailable("redis connection lost"))
                         waiter.exception()  # Mark retrieved: nobody may be waiting any more.
                 self._pending.clear()
-                if sub is not None:
+                for sub in subs.values():
                     with contextlib.suppress(RedisError, OSError, RuntimeError):
                         await sub.close()
             first = False
             # Full jitter (AWS architecture blog): spreads a cluster's reconnects to Redis.
             await asyncio.sleep(random.uniform(backoff / 2, backoff))
             backoff = min(backoff * 2, self._backoff_cap)
+
+    async def _open(self, resubscribed: bool) -> None:
+        """Open the pub/sub connection(s) and subscribe the control channel and every room's
+        channel; the node counts as connected once Redis confirmed them all (_confirmed), so
+        that a refill, read after that, misses nothing published since."""
+        rooms = list(self._rooms)
+        channels = sorted({self._keys.channel(room) for room in rooms})
+        self._resubscribed = (rooms, resubscribed)
+        self._awaiting = 1 + len(channels)
+        if not self._sharded:
+            pool = self._pubsub_client.connection_pool
+            connection = pool.make_connection()  # type: ignore[no-untyped-call]  # unannotated in redis-py
+            sub = await Subscription.open(connection, self._message, self._confirmed)
+            self._subs = {"": sub}
+            # A control channel keeps the connection in subscribed mode with no rooms.
+            sub.subscribe(self._keys.control(), *channels)
+            return
+        cluster: Any = self._pubsub_client
+        # The topology now: after a failover, the promoted replicas are the masters.
+        await cluster.nodes_manager.initialize()
+        masters = cluster.get_primaries()
+        for node in masters:
+            connection = node.connection_class(**node.connection_kwargs)
+            self._subs[node.name] = await Subscription.open(
+                connection, self._message, self._confirmed)
+        # PUBLISH reaches every node of a Redis Cluster: the control channel on one is enough.
+        self._subs[masters[0].name].subscribe(self._keys.control())
+        for channel in channels:
+            # One SSUBSCRIBE per channel: a command's channels must share a slot.
+            self._subscription_of(channel).ssubscribe(channel)
 
     async def _watch(self, sub: Subscription) -> None:
         """Liveness: a pub/sub connection that went half-open (a Redis host gone, a NAT entry
@@ -331,16 +410,27 @@ class RedisBroker:
 
     def _confirmed(self, kind: bytes, channel: bytes) -> None:
         """Subscription's callback for every (un)subscribe confirmation."""
-        if kind != b"subscribe":
+        name = as_str(channel)
+        if kind == b"sunsubscribe" and name in self._live:
+            # Not asked for: Redis moved the channel's slot to another shard (a resharding).
+            # Start over on the new topology; the refill covers what was published meanwhile.
+            self._abort_all("a sharded channel's slot moved")
             return
-        if not self._connected.is_set() and channel == self._control_channel:
-            rooms, resubscribed = self._resubscribed
-            self._connected.set()
-            log.info("redis pubsub connected", rooms=len(rooms))
-            self._start_limit_check()
-            if resubscribed and rooms and self._on_resubscribed is not None:
-                self._on_resubscribed(rooms)
-        waiter = self._pending.pop(as_str(channel), None)
+        if kind not in (b"subscribe", b"ssubscribe"):
+            return
+        if name != self._keys.control() and name in self._channel_rooms:
+            self._live.add(name)
+        if not self._connected.is_set():
+            self._awaiting -= 1
+            if self._awaiting <= 0:
+                rooms, resubscribed = self._resubscribed
+                self._connected.set()
+                log.info("redis pubsub connected", rooms=len(rooms),
+                         connections=len(self._subs))
+                self._start_limit_check()
+                if resubscribed and rooms and self._on_resubscribed is not None:
+                    self._on_resubscribed(rooms)
+        waiter = self._pending.pop(name, None)
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
 
@@ -416,8 +506,9 @@ class RedisBroker:
         size, ttl = self._retention(room)
         keys = [self._keys.meta(room), self._keys.stream(room)]
         args: list[bytes | str | int] = [
-            self._keys.channel(room), prefix, origin, size, int(ttl * 1000), new_epoch(),
-            clock.now_us(),
+            self._keys.channel(room), prefix, self._frame_origin(origin, room), size,
+            int(ttl * 1000), new_epoch(), clock.now_us(),
+            "SPUBLISH" if self._sharded else "PUBLISH",
         ]
         if idempotency_key is not None:
             # KEYS[3] carries the room's hash tag: the check, the publish and the record are
@@ -432,6 +523,11 @@ class RedisBroker:
         if duplicate:
             return Publication(room, b"", offset, epoch, origin, 0, duplicate=True)
         return Publication(room, finish_message(prefix, offset, epoch), offset, epoch, origin)
+
+    def _frame_origin(self, origin: str, room: str) -> str:
+        """The frame header's last field(s): the origin, and the room on a partition's
+        channel, which carries several (parse_frame)."""
+        return f"{origin} {room}" if self._sharded else origin
 
     def _enqueue(self, keys: list[str], args: list[bytes | str | int]) -> asyncio.Future[Any]:
         """Queue one run of lua/publish.lua; its future gets the script's reply."""
@@ -488,7 +584,9 @@ class RedisBroker:
     async def _pipeline(self, sha: str, batch: list[_Queued]) -> list[Any]:
         pipe = self._redis.pipeline(transaction=False)
         for keys, args, _ in batch:
-            pipe.evalsha(sha, len(keys), *keys, *args)
+            # execute_command, not evalsha: a Redis Cluster pipeline refuses the helper, and
+            # routes EVALSHA by its keys (all in the room's slot) like any other command.
+            pipe.execute_command("EVALSHA", sha, len(keys), *keys, *args)
         replies: list[Any] = await pipe.execute(raise_on_error=False)
         for reply in replies:
             if isinstance(reply, RedisError):
@@ -500,7 +598,11 @@ class RedisBroker:
     async def publish_event(self, room: str, payload: bytes, origin: str = "") -> None:
         if not self._connected.is_set():
             raise BrokerUnavailable("redis is unavailable")
-        await self._redis.publish(self._keys.channel(room), event_frame(payload, origin))
+        channel = self._keys.channel(room)
+        if self._sharded:
+            await self._redis.spublish(channel, event_frame(payload, origin, room))
+        else:
+            await self._redis.publish(channel, event_frame(payload, origin))
 
     @unavailable_on_redis_error
     async def publish_control(self, payload: bytes) -> None:

@@ -10,6 +10,11 @@ connections hash carries the user id as its tag (one key, touched alone). Node-l
 cluster-wide names carry no tag and each is touched only by commands (or one-key scripts) of its
 own, never together with a room's keys (tests/unit/test_slots.py computes the slots).
 
+With --redis-cluster (``Keys.partitions`` N > 0) the tag is the room's partition instead,
+``{p<n>}`` with n = CRC-32(room) mod N, followed by ``:<room>`` (``meta:{p17}:lobby``); the
+channel is the partition's, ``ch:{p17}``, for SPUBLISH/SSUBSCRIBE. The slots column then
+reads "the room's partition's".
+
 Expiry (presence_redis.py): every presence key of a room (``pres``, ``presnodes``, ``users``,
 ``nicks``, ``leaves``, ``leavenames``) and each ``noderooms`` set carry a TTL (--idle-room-ttl,
 with a floor) that the nodes with entries there refresh; ``node:<node>`` lives two leases. Only
@@ -44,51 +49,77 @@ name                       what                                        slot
 from __future__ import annotations
 
 import hashlib
+import zlib
 from dataclasses import dataclass
+
+
+def partition(room: str, partitions: int) -> int:
+    """The room's partition, 0 .. partitions-1: CRC-32 of its name, the same in every process
+    and release (never Python's salted ``hash``), so every node agrees."""
+    return zlib.crc32(room.encode()) % partitions
 
 
 @dataclass(frozen=True, slots=True)
 class Keys:
     prefix: str = "roomcast"
+    #: 0: every room is its own hash tag and has a channel of its own (one Redis). N > 0
+    #: (--redis-cluster): rooms are spread over N partitions; a room's keys carry its
+    #: partition's tag (``{p<n>}``, then the room) and the partition's one sharded channel
+    #: carries all its rooms (each frame names its room), so that a node holds one sharded
+    #: subscription per partition it needs and the partitions spread evenly over the shards.
+    partitions: int = 0
+
+    def _room(self, room: str) -> str:
+        """The room's part of a key name: its hash tag, and its name when that is not it."""
+        if not self.partitions:
+            return f"{{{room}}}"
+        return f"{{p{partition(room, self.partitions)}}}:{room}"
 
     # --- per room: all in the room's slot ------------------------------------------------------
     def channel(self, room: str) -> str:
-        """Pub/sub channel carrying every publication and event of the room."""
+        """Pub/sub channel carrying every publication and event of the room (with partitions:
+        of every room of its partition)."""
+        if self.partitions:
+            return self.partition_channel(partition(room, self.partitions))
         return f"{self.prefix}:ch:{{{room}}}"
+
+    def partition_channel(self, index: int) -> str:
+        """Sharded channel of partition ``index`` (--redis-cluster)."""
+        return f"{self.prefix}:ch:{{p{index}}}"
 
     def meta(self, room: str) -> str:
         """Hash: ``offset`` (last assigned) and ``epoch`` of the room's history."""
-        return f"{self.prefix}:meta:{{{room}}}"
+        return f"{self.prefix}:meta:{self._room(room)}"
 
     def stream(self, room: str) -> str:
         """Stream of stored message envelopes; entry ID ``<offset>-0``."""
-        return f"{self.prefix}:hist:{{{room}}}"
+        return f"{self.prefix}:hist:{self._room(room)}"
 
     def presence(self, room: str, node_id: str) -> str:
         """Hash conn_id -> member JSON for one node's connections in the room."""
-        return f"{self.prefix}:pres:{{{room}}}:{node_id}"
+        return f"{self.prefix}:pres:{self._room(room)}:{node_id}"
 
     def presence_nodes(self, room: str) -> str:
         """Set of node ids that have a presence hash for the room."""
-        return f"{self.prefix}:presnodes:{{{room}}}"
+        return f"{self.prefix}:presnodes:{self._room(room)}"
 
     def nicks(self, room: str) -> str:
         """Hash nick -> ``node_id conn_id owner`` of the connection holding it (the owner,
         which may contain spaces, last)."""
-        return f"{self.prefix}:nicks:{{{room}}}"
+        return f"{self.prefix}:nicks:{self._room(room)}"
 
     def users(self, room: str) -> str:
         """Hash user_id -> number of live connections of that user in the room."""
-        return f"{self.prefix}:users:{{{room}}}"
+        return f"{self.prefix}:users:{self._room(room)}"
 
     def leaves(self, room: str) -> str:
         """Sorted set of the room's pending user_left decisions: member user_id, score = unix
         ms after which the user counts as gone."""
-        return f"{self.prefix}:leaves:{{{room}}}"
+        return f"{self.prefix}:leaves:{self._room(room)}"
 
     def leave_names(self, room: str) -> str:
         """Hash user_id -> username of each pending leave in leaves(room)."""
-        return f"{self.prefix}:leavenames:{{{room}}}"
+        return f"{self.prefix}:leavenames:{self._room(room)}"
 
     def idempotency(self, room: str, key: str) -> str:
         """String ``<offset> <epoch>`` of the message first published to the room with the
@@ -96,10 +127,11 @@ class Keys:
         client string of any characters and length becomes a short name after the room's tag,
         so it can never move the name out of the room's slot nor into another concept's."""
         digest = hashlib.sha256(key.encode()).hexdigest()
-        return f"{self.prefix}:idem:{{{room}}}:{digest}"
+        return f"{self.prefix}:idem:{self._room(room)}:{digest}"
 
     def room_of_channel(self, channel: str) -> str:
-        """Inverse of channel(): the room of a ``<prefix>:ch:{room}`` channel name."""
+        """Inverse of channel() without partitions: the room of a ``<prefix>:ch:{room}``
+        channel name. (A partition's channel has no one room: its frames name theirs.)"""
         return channel[len(self.prefix) + 5 : -1]
 
     def control(self) -> str:

@@ -63,7 +63,9 @@ from typing import Any
 import orjson
 import redis
 import redis.asyncio as aioredis
+import redis.cluster
 import structlog
+from redis.asyncio.cluster import RedisCluster as AsyncRedisCluster
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 from redis.retry import Retry
@@ -148,7 +150,20 @@ _SYNC_CONNECTIONS: dict[str, Any] = {
 def sync_twin(client: aioredis.Redis, name: str, timeout: float) -> redis.Redis:
     """A synchronous client of the same Redis as ``client`` (same address, database,
     credentials and TLS), named ``name``, whose every call gives up after ``timeout`` seconds
-    and is retried at most once: a renewal that takes longer than that is too late anyway."""
+    and is retried at most once: a renewal that takes longer than that is too late anyway.
+    For a Redis Cluster client, a synchronous Redis Cluster client from the same seed."""
+    if isinstance(client, AsyncRedisCluster):
+        node = client.get_default_node() or next(iter(client.nodes_manager.startup_nodes.values()))
+        kwargs = client.get_connection_kwargs()
+        settings = {key: value for key, value in kwargs.items()
+                    if key in ("username", "password") or key.startswith("ssl_")}
+        if kwargs.get("connection_class") is not None and "SSL" in str(
+                kwargs["connection_class"]):
+            settings["ssl"] = True
+        return redis.cluster.RedisCluster(
+            host=node.host, port=int(node.port), client_name=name,
+            socket_timeout=timeout, socket_connect_timeout=timeout,
+            retry=Retry(NoBackoff(), 1), max_connections=2, **settings)
     pool = client.connection_pool
     settings = {key: value for key, value in pool.connection_kwargs.items()
                 if key in _SYNC_SETTINGS or key.startswith("ssl_")}

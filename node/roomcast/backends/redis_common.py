@@ -12,6 +12,7 @@ from typing import Any, ParamSpec, TypeVar
 import redis.asyncio as aioredis
 import structlog
 from redis.asyncio.client import Pipeline
+from redis.asyncio.cluster import ClusterPipeline, RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import (
@@ -209,6 +210,63 @@ class _ObservedRedis(aioredis.Redis):
             self.connection_pool, self.response_callbacks, transaction, shard_hint)
         pipe.health = self.health
         return pipe
+
+
+class _ObservedClusterPipeline(ClusterPipeline):
+    """A pipeline of the Redis Cluster command client, reported like _ObservedPipeline."""
+
+    health: RedisHealth | None = None
+
+    async def execute(self, raise_on_error: bool = True,
+                      allow_redirections: bool = True) -> list[Any]:
+        try:
+            return await super().execute(raise_on_error, allow_redirections)
+        except (RedisError, OSError) as exc:
+            if self.health is not None:
+                self.health.failed(exc, "PIPELINE")
+            raise
+
+
+class _ObservedRedisCluster(RedisCluster):
+    """The command client over a Redis Cluster (--redis-cluster), reported like
+    _ObservedRedis: redis-py routes each command to its slot's master."""
+
+    health: RedisHealth | None = None
+
+    async def execute_command(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return await super().execute_command(*args, **kwargs)
+        except (RedisError, OSError) as exc:
+            if self.health is not None:
+                self.health.failed(exc, as_str(args[0]).upper() if args else "?")
+            raise
+
+    def pipeline(self, transaction: Any | None = None,
+                 shard_hint: Any | None = None) -> ClusterPipeline:
+        pipe = _ObservedClusterPipeline(self, transaction)  # type: ignore[abstract]  # as redis-py does
+        pipe.health = self.health
+        return pipe
+
+
+def connect_cluster(
+    config: Config, retries: int = 1, role: str = "commands", pool_size: int | None = None,
+    health: RedisHealth | None = None,
+) -> RedisCluster:
+    """A Redis Cluster client (--redis-cluster) from the seed node of --redis-url, with the
+    settings of ``connect``; each master gets a pool of at most ``pool_size`` connections."""
+    assert config.redis_url is not None
+    client = _ObservedRedisCluster.from_url(
+        config.redis_url,
+        max_connections=pool_size or config.redis_pool_size,
+        socket_connect_timeout=config.redis_connect_timeout,
+        socket_timeout=config.redis_timeout,
+        health_check_interval=HEALTH_CHECK_INTERVAL,
+        retry=Retry(NoBackoff(), retries),
+        client_name=f"roomcast:{config.node_id}:{role}",
+    )
+    assert isinstance(client, _ObservedRedisCluster)
+    client.health = health
+    return client
 
 
 def connect(

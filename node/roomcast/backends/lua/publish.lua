@@ -7,12 +7,14 @@
 -- KEYS[3]  optional: idempotency key of this publish (string "offset epoch"), in the room's slot
 -- ARGV[1]  pub/sub channel of the room
 -- ARGV[2]  message envelope without its closing brace (see protocol.message_prefix)
--- ARGV[3]  origin conn_id
+-- ARGV[3]  origin conn_id (with --redis-cluster: "<conn_id> <room>", the room named in the frame)
 -- ARGV[4]  history size (0 = keep no history)
 -- ARGV[5]  history TTL in milliseconds (0 = no expiry)
 -- ARGV[6]  epoch to use if the room has none yet (its history is new or was lost)
 -- ARGV[7]  publish timestamp, unix microseconds (for fan-out latency)
--- ARGV[8]  with KEYS[3]: idempotency window in milliseconds (> 0)
+-- ARGV[8]  PUBLISH, or SPUBLISH (--redis-cluster: ARGV[1] is the partition's sharded channel,
+--          in the same slot as KEYS)
+-- ARGV[9]  with KEYS[3]: idempotency window in milliseconds (> 0)
 -- Returns {offset, epoch, duplicate}: duplicate is 1 when KEYS[3] held a result (nothing was
 -- published), else 0.
 if KEYS[3] then
@@ -42,8 +44,8 @@ if ttl > 0 then
   redis.call('PEXPIRE', KEYS[1], ttl)
   if size > 0 then redis.call('PEXPIRE', KEYS[2], ttl) end
 end
-redis.call('PUBLISH', ARGV[1], offset .. ' ' .. epoch .. ' ' .. ARGV[7] .. ' ' .. ARGV[3] .. '\n' .. payload)
+redis.call(ARGV[8], ARGV[1], offset .. ' ' .. epoch .. ' ' .. ARGV[7] .. ' ' .. ARGV[3] .. '\n' .. payload)
 if KEYS[3] then
-  redis.call('SET', KEYS[3], offset .. ' ' .. epoch, 'PX', ARGV[8])
+  redis.call('SET', KEYS[3], offset .. ' ' .. epoch, 'PX', ARGV[9])
 end
 return {offset, epoch, 0}
