@@ -1,11 +1,18 @@
 """``python -m loadtest.bench`` (also ``roomcast bench``): fan-out throughput, latency and memory.
 
 One run: start the servers (recording their PIDs), measure memory per idle connection, open S
-subscribers across R rooms from the load-generator processes, let the join traffic settle, then
-publish M messages (at P per second, or as fast as possible with --saturate) and wait, bounded,
-until every expected delivery arrived. The same configuration then runs against the reference
-server (loadtest/reference_server.py) unless --no-reference, and the summary table prints the
-ratios roomcast/reference. Progress goes to stderr, the tables to stdout, everything to --out.
+subscribers across R rooms from the load-generator processes (timing how long until every one has
+joined), let the join traffic settle, then publish M messages (at P per second, or as fast as
+possible with --saturate) and wait, bounded, until every expected delivery arrived. The same
+configuration then runs against the reference server (loadtest/reference_server.py) unless
+--no-reference, and against socket.io (loadtest/socketio/server.js) with --socketio, and the
+summary table prints the ratios roomcast/reference and roomcast/socket.io. Progress goes to
+stderr, the tables to stdout, everything to --out.
+
+--acked measures something else: one publisher on node 0 sends M publishes, each asking for an
+acknowledgement, with at most --window unanswered; acknowledged publishes per second, whether
+the acks come in request order, and whether S members joined on another node receive every
+acknowledged message exactly once and in order.
 
 Every wait has a timeout and the whole run is bounded by --max-seconds; servers and load-generator
 processes are stopped by PID on every exit path.
@@ -29,27 +36,45 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from loadtest import procstat, report, servers, wire
-from loadtest.loadgen import Endpoint, Subscriber, Tally, WorkerHandle, open_client, room_name
+from loadtest import npmcache, procstat, report, servers, sio, wire
+from loadtest.loadgen import (
+    DIALECTS,
+    AckedPublisher,
+    Endpoint,
+    Subscriber,
+    Tally,
+    WorkerHandle,
+    open_client,
+    room_name,
+    subscriber_endpoint,
+)
 
 TARGETS = ("roomcast-embedded", "roomcast-cluster", "reference", "url")
 MAX_DELIVERIES = 50_000_000  # Expected deliveries recorded per run (8 bytes of latency each).
 POLL = 0.2  # Seconds between progress polls of the load generators.
 OTHER_LOAD_LIMIT = 0.1  # Cores used by unrelated processes above which a run is flagged.
 START_TIMEOUT = 20.0
+DEFAULT_SUBSCRIBERS = 1000
+DEFAULT_MEMBERS = 1  # -S with --acked.
+DEFAULT_WINDOW = 256
 
 DESCRIPTION = """\
 Benchmark WebSocket fan-out: S subscribers across R rooms receive M messages from
-one publisher. Reports deliveries/s, fan-out latency percentiles, lost and
-duplicated messages, server CPU seconds and peak RSS, deliveries per server
-CPU-second and memory per idle connection, beside the same run against a bare
-python-websockets server (loadtest/reference_server.py) for ratios.
+one publisher. Reports connect + join time, deliveries/s, fan-out latency
+percentiles, lost and duplicated messages, server CPU seconds and peak RSS,
+deliveries per server CPU-second and memory per idle connection, beside the same
+run against a bare python-websockets server (loadtest/reference_server.py) and,
+with --socketio, against socket.io 4 + @socket.io/redis-adapter under Node, for
+ratios. --acked measures acknowledged publishes per second from one publisher
+instead, and checks that a member on another node gets each one once, in order.
 """
 EPILOG = (
     "examples:\n"
     "  python -m loadtest.bench                                  # quick run, ~30-60 s\n"
     "  python -m loadtest.bench --saturate -M 2000               # throughput per CPU-second\n"
     "  python -m loadtest.bench --target roomcast-cluster --sweep 250,500,1000\n"
+    "  python -m loadtest.bench --target roomcast-cluster --saturate -S 1000 -M 2000 --socketio\n"
+    "  python -m loadtest.bench --target roomcast-cluster --acked -M 20000\n"
     "  python -m loadtest.bench --target url --url ws://127.0.0.1:8000/ws --pid 1234\n"
 )
 
@@ -93,20 +118,36 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     what.add_argument("--url", action="append", default=[], metavar="WS_URL",
                       help="with --target url: a ws:// URL to connect to (repeat for several "
                       "nodes); roomcast's is ws://HOST:PORT/ws")
-    what.add_argument("--dialect", choices=("native", "reference"), default="native",
-                      help="with --target url: roomcast's protocol (join a room) or the "
-                      "reference's (just connect) (default: native)")
+    what.add_argument("--dialect", choices=DIALECTS, default="native",
+                      help="with --target url: roomcast's protocol (join a room), the "
+                      "reference's (just connect) or socket.io's (the URL ends in "
+                      f"{sio.PATH}) (default: native)")
     what.add_argument("--pid", type=int, action="append", default=[],
                       help="with --target url: PID of a server process to measure CPU and RSS "
                       "of (repeat); the first one gets the idle connections")
     what.add_argument("--no-reference", action="store_true",
                       help="skip the run against the reference server (no ratios)")
+    what.add_argument("--socketio", action="store_true",
+                      help="also run socket.io 4 with @socket.io/redis-adapter under Node "
+                      "(loadtest/socketio/server.js; as many processes as roomcast nodes, one "
+                      "without Redis for roomcast-embedded) and print roomcast/socket.io "
+                      "ratios; needs node and npm, and installs the pinned packages of "
+                      "loadtest/socketio/package-lock.json with npm ci into "
+                      "~/.cache/roomcast/ on first use (outside --max-seconds)")
+    what.add_argument("--acked", action="store_true",
+                      help="acknowledged-publish mode: one publisher on node 0 sends M "
+                      "publishes, each asking for an ack, at most --window unanswered; reports "
+                      "acked publishes/s, acks out of request order, and lost, duplicated and "
+                      "out-of-order messages at S members (default 1) joined on node 1 (node 0 "
+                      "with one node); no reference run (it has no acks) and no idle-memory "
+                      "measurement, socket.io with --socketio (its ack callback)")
     what.add_argument("--node-arg", action="append", default=[], metavar="FLAG",
                       help="extra flag for every roomcast node, e.g. --node-arg=--history-size=0 "
                       "(repeat)")
     load = parser.add_argument_group("load")
-    load.add_argument("-S", "--subscribers", type=_positive_int, default=1000,
-                      help="subscriber connections (default: 1000)")
+    load.add_argument("-S", "--subscribers", type=_positive_int, default=None,
+                      help=f"subscriber connections (default: {DEFAULT_SUBSCRIBERS}; "
+                      f"{DEFAULT_MEMBERS} member with --acked)")
     load.add_argument("-R", "--rooms", type=_positive_int, default=1,
                       help="rooms the subscribers spread over; message i goes to room i %% R "
                       "(the reference has no rooms: every client gets every message) "
@@ -118,6 +159,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     load.add_argument("--saturate", action="store_true",
                       help="throughput mode: publish the M messages as fast as the connection "
                       "takes them; read deliveries per server CPU-second, not latency")
+    load.add_argument("--window", type=_positive_int, default=DEFAULT_WINDOW,
+                      help="with --acked: publishes sent and not yet acknowledged, at most "
+                      f"(default: {DEFAULT_WINDOW})")
     load.add_argument("--message-size", type=_positive_int, default=100,
                       help="bytes of each publish request's JSON (default: 100)")
     load.add_argument("-K", "--idle-conns", type=int, default=500,
@@ -157,8 +201,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def resolve_defaults(args: argparse.Namespace) -> None:
+    """Fill in the defaults that depend on the mode (-S: 1 member with --acked)."""
+    if args.subscribers is None:
+        args.subscribers = DEFAULT_MEMBERS if args.acked else DEFAULT_SUBSCRIBERS
+
+
 def check(args: argparse.Namespace) -> str | None:
     """A one-line problem with the arguments, or None."""
+    resolve_defaults(args)
+    if args.socketio and args.target not in ("roomcast-embedded", "roomcast-cluster"):
+        return "--socketio goes with --target roomcast-embedded or roomcast-cluster"
+    if args.acked:
+        if args.target == "reference" or (args.target == "url" and args.dialect == "reference"):
+            return "--acked needs acknowledgements: the reference server sends none"
+        if args.saturate or args.sweep:
+            return "--acked is a mode of its own: drop --saturate and --sweep"
     if args.target == "url" and not args.url:
         return "--target url needs at least one --url ws://HOST:PORT/PATH"
     if args.target != "url" and (args.url or args.pid):
@@ -212,6 +270,8 @@ class Bench:
     workers: list[WorkerHandle]
     deadline: Deadline
     logdir: Path
+    #: The socket.io packages (npmcache.ensure_installed), with --socketio.
+    node_modules: Path | None = None
 
     async def all_workers(self, timeout: float, **command: Any) -> list[dict[str, Any]]:
         t = self.deadline.left(timeout)
@@ -230,20 +290,28 @@ class Bench:
 
     async def connect(self, dep: servers.Deployment, urls: list[str], count: int, join: bool,
                       run_id: str) -> dict[str, Any]:
+        """Open ``count`` clients over ``urls`` (joined to their rooms when ``join``).
+
+        ``seconds``: from the first handshake sent until the last client was ready (joined),
+        across all load generators.
+        """
         a = self.args
         timeout = self.deadline.left(a.connect_timeout)
+        start = time.monotonic()
         replies = await asyncio.gather(*(
             w.call(timeout + 5, op="connect", urls=urls, first=first, count=share,
-                   rooms=a.rooms, messages=a.messages, native=dep.native, join=join,
+                   rooms=a.rooms, messages=a.messages, dialect=dep.dialect, join=join,
                    run_id=run_id, concurrency=a.concurrency, timeout=timeout)
             for w, (first, share) in zip(self.workers, self.split(count), strict=True)
         ))
+        seconds = time.monotonic() - start
         errors: dict[str, int] = {}
         for r in replies:
             for text, n in r["errors"].items():
                 errors[text] = errors.get(text, 0) + n
         return {"ok": sum(r["ok"] for r in replies), "failed": sum(r["failed"] for r in replies),
-                "expected": sum(r["expected"] for r in replies), "errors": errors}
+                "expected": sum(r["expected"] for r in replies), "errors": errors,
+                "seconds": seconds}
 
     async def measure_idle(self, dep: servers.Deployment, run_id: str) -> dict[str, Any]:
         """RSS of the idle connections' server before and after opening K of them, per K."""
@@ -283,17 +351,8 @@ class Bench:
         warnings: list[str] = []
         idle = await self.measure_idle(dep, run_id)
 
-        setup_start = time.monotonic()
-        say(f"{dep.target}: connecting {subscribers} subscribers across {a.rooms} room(s)")
-        conn = await self.connect(dep, dep.subscriber_urls, subscribers, True, run_id)
-        if conn["ok"] == 0:
-            raise BenchError(f"{dep.target}: no subscriber connected: {conn['errors']}")
-        if conn["failed"]:
-            warnings.append(f"{conn['failed']} subscribers failed to connect: {conn['errors']}")
-        await self.settle(dep.target)
-        await self.all_workers(10, op="reset")
-        setup_s = time.monotonic() - setup_start
-        say(f"{dep.target}: {conn['ok']} subscribers ready in {setup_s:.1f} s")
+        conn, setup_s = await self.join_subscribers(dep, dep.subscriber_urls, subscribers,
+                                                    run_id, warnings)
 
         publisher = await self.open_publisher(dep, run_id)
         measured = [("coordinator", os.getpid())] + [
@@ -353,12 +412,16 @@ class Bench:
                        "rate": a.rate, "saturate": a.saturate, "message_size": a.message_size,
                        "client_procs": len(self.workers)},
             "connected": conn["ok"], "connect_failed": conn["failed"],
+            "connect_s": round(conn["seconds"], 3), "connect_server_cpu_s": conn["server_cpu_s"],
+            "connect_generator_max_core_pct": conn["generator_max_core_pct"],
+            "join_messages": conn["join_messages"],
             "setup_s": round(setup_s, 2), "publish_s": round(publish_s, 3),
             "measured_s": round(wall, 3),
             "expected": sum(r["expected"] for r in results), "delivered": delivered,
             "lost": sum(r["lost"] for r in results),
             "duplicated": sum(r["duplicated"] for r in results),
             "misrouted": sum(r["misrouted"] for r in results),
+            "out_of_order": sum(r["out_of_order"] for r in results),
             "lossy_subscribers": sum(r["lossy_subscribers"] for r in results),
             "closes": closes,
             "deliveries_per_s": delivered / span if span else None,
@@ -367,11 +430,53 @@ class Bench:
             "warnings": warnings,
         }
 
+    async def join_subscribers(self, dep: servers.Deployment, urls: list[str], count: int,
+                               run_id: str, warnings: list[str]) -> tuple[dict[str, Any], float]:
+        """Connect and join ``count`` subscribers, then wait for the join traffic to settle.
+
+        The connect reply (with ``seconds``: connect + join; ``server_cpu_s`` and
+        ``generator_max_core_pct`` over those seconds; ``join_messages``: the envelopes other
+        than bench messages the subscribers got until the traffic settled, such as roomcast's
+        user_joined) and the whole setup's seconds.
+        """
+        a = self.args
+        setup_start = time.monotonic()
+        say(f"{dep.target}: connecting {count} subscribers across {a.rooms} room(s)")
+        generators = [w.pid for w in self.workers]
+        server0 = {pid: procstat.cpu_seconds(pid) for _, pid in dep.measured()}
+        gen0 = {pid: procstat.cpu_seconds(pid) for pid in generators}
+        conn = await self.connect(dep, urls, count, True, run_id)
+        server1 = {pid: procstat.cpu_seconds(pid) for _, pid in dep.measured()}
+        gen1 = {pid: procstat.cpu_seconds(pid) for pid in generators}
+        if conn["ok"] == 0:
+            raise BenchError(f"{dep.target}: no subscriber connected: {conn['errors']}")
+        if conn["failed"]:
+            warnings.append(f"{conn['failed']} subscribers failed to connect: {conn['errors']}")
+        spent = [(server1[pid] or 0.0) - (server0[pid] or 0.0) for pid in server0]
+        conn["server_cpu_s"] = round(sum(spent), 2)
+        busiest = max(((gen1[pid] or 0.0) - (gen0[pid] or 0.0) for pid in generators),
+                      default=0.0)
+        conn["generator_max_core_pct"] = round(100 * busiest / conn["seconds"], 1)
+        say(f"{dep.target}: {conn['ok']} subscribers connected and joined in "
+            f"{conn['seconds']:.2f} s (servers {conn['server_cpu_s']:.2f} CPU-s, busiest load "
+            f"generator {conn['generator_max_core_pct']:.0f}% of a core)")
+        if conn["generator_max_core_pct"] > report.GENERATOR_LIMIT:
+            warnings.append("the load generator was the bottleneck while connecting: connect + "
+                            "join time is the generator's limit, not the server's")
+        await self.settle(dep.target)
+        conn["join_messages"] = (await self.totals())["other"]
+        await self.all_workers(10, op="reset")
+        setup_s = time.monotonic() - setup_start
+        say(f"{dep.target}: {conn['ok']} subscribers ready in {setup_s:.1f} s")
+        return conn, setup_s
+
+    def publisher_endpoint(self, dep: servers.Deployment, run_id: str) -> Endpoint:
+        return subscriber_endpoint(Endpoint.parse(dep.publish_url), dep.dialect,
+                                   f"{run_id}-publisher", None)
+
     async def open_publisher(self, dep: servers.Deployment, run_id: str) -> Subscriber:
-        endpoint = Endpoint.parse(dep.publish_url)
-        if dep.native:
-            endpoint = endpoint.with_query(user_id=f"{run_id}-publisher")
-        publisher = Subscriber(endpoint, Tally(), 0, None, dep.native)
+        publisher = Subscriber(self.publisher_endpoint(dep, run_id), Tally(), 0, None,
+                               dep.dialect)
         await open_client(publisher, self.deadline.left(10))
         return publisher
 
@@ -379,6 +484,7 @@ class Bench:
         """Send M messages (paced at P/s, or back to back); the first one's send time (ns)."""
         a = self.args
         rooms = [room_name(i) for i in range(a.rooms)]
+        socketio = client.dialect == "socketio"
         start = time.monotonic()
         first_ns = 0
         for seq in range(a.messages):
@@ -394,8 +500,8 @@ class Bench:
                 raise BenchError(f"the publisher's connection closed ({client.close_code})")
             sent_ns = time.time_ns()
             first_ns = first_ns or sent_ns
-            client.send_text(wire.publish_frame(rooms[seq % a.rooms], seq, sent_ns,
-                                                a.message_size))
+            frame = wire.publish_frame(rooms[seq % a.rooms], seq, sent_ns, a.message_size)
+            client.send_text(sio.event_frame("publish", frame) if socketio else frame)
             state["sent"] = seq + 1
             self.deadline.left()
         return first_ns
@@ -485,7 +591,12 @@ class Bench:
         if which == "reference":
             dep = await asyncio.to_thread(servers.start_reference, self.logdir, timeout)
         elif which == "url":
-            return servers.external(a.url, a.dialect == "native", a.pid)
+            return servers.external(a.url, a.dialect, a.pid)
+        elif which == "socketio":
+            assert self.node_modules is not None
+            dep = await asyncio.to_thread(
+                servers.start_socketio, a.nodes, self.logdir, timeout,
+                a.target == "roomcast-cluster", self.node_modules)
         else:
             dep = await asyncio.to_thread(
                 servers.start_roomcast, a.nodes, self.logdir, a.node_arg, timeout,
@@ -497,9 +608,178 @@ class Bench:
     async def measure(self, which: str, subscribers: int) -> report.Run:
         dep = await self.deploy(which)
         try:
+            if self.args.acked:
+                return await self.run_acked(dep, subscribers)
             return await self.run_one(dep, subscribers)
         finally:
             await asyncio.to_thread(dep.stop)
+
+    # --- acknowledged publishes ----------------------------------------------------------------
+
+    async def run_acked(self, dep: servers.Deployment, members: int) -> report.Run:
+        """One publisher on the first server, ``members`` joined on the others (or the first).
+
+        The publisher keeps at most --window publishes unanswered; each acknowledgement frees a
+        place. The members' figures count only acknowledged messages as expected.
+        """
+        a = self.args
+        run_id = f"a{secrets.token_hex(3)}"
+        warnings: list[str] = []
+        member_urls = dep.subscriber_urls[1:] or dep.subscriber_urls[:1]
+        conn, setup_s = await self.join_subscribers(dep, member_urls, members, run_id, warnings)
+
+        publisher = AckedPublisher(self.publisher_endpoint(dep, run_id), dep.dialect,
+                                   a.messages)
+        await open_client(publisher, self.deadline.left(10))
+        measured = [("coordinator", os.getpid())] + [
+            (f"client-{w.index}", w.pid) for w in self.workers]
+        server_cpu0 = {pid: procstat.cpu_times(pid) for _, pid in dep.measured()}
+        gen_cpu0 = {pid: procstat.cpu_seconds(pid) for _, pid in measured}
+        machine0 = procstat.machine_cpu()
+        wall0 = time.monotonic()
+        state = {"sent": 0}
+        ticker = asyncio.ensure_future(self.acked_progress(dep.target, publisher, state))
+        try:
+            first_ns = time.time_ns()
+            stalled = await self.publish_acked(publisher, state)
+            publish_s = time.monotonic() - wall0
+            unacked = publisher.unacked()
+            expected = self.acked_expected(conn, members, set(unacked))
+            missing = await self.wait_delivered(expected)
+            wall = time.monotonic() - wall0
+            server_cpu1 = {pid: procstat.cpu_times(pid) for _, pid in dep.measured()}
+            gen_cpu1 = {pid: procstat.cpu_seconds(pid) for _, pid in measured}
+            machine1 = procstat.machine_cpu()
+        finally:
+            ticker.cancel()
+            await publisher.close()
+        if stalled:
+            warnings.append(f"no acknowledgement for {a.drain_timeout:g} s with "
+                            f"{publisher.inflight} pending: stopped after {state['sent']:,} "
+                            "publishes")
+        if publisher.refused:
+            warnings.append(f"{publisher.refused:,} publishes refused (error replies)")
+        if missing:
+            warnings.append(f"members: gave up on {missing:,} deliveries after "
+                            f"{a.drain_timeout:g} s without progress")
+
+        results = await self.all_workers(60, op="results", unacked=unacked)
+        await self.all_workers(30, op="close")
+        latencies: array.array[int] = array.array("q")
+        for r in results:
+            latencies.frombytes(r["latencies_us"])
+        closes: dict[str, int] = {}
+        for r in results:
+            for code, n in r["closes"].items():
+                closes[code] = closes.get(code, 0) + n
+        if closes:
+            warnings.append(f"members closed by the server during the run: {closes}")
+        if publisher.close_code not in (None, 1000):
+            warnings.append(f"the publisher was closed with {publisher.close_code}")
+        delivered = sum(r["delivered"] for r in results)
+        ack_span = (publisher.last_ack_ns - first_ns) / 1e9 if publisher.acked else 0.0
+        server = self.server_figures(dep, server_cpu0, server_cpu1, delivered)
+        cpu = server["cpu_s"]
+        server["acked_per_cpu_s"] = publisher.acked / cpu if cpu and cpu >= 0.05 else None
+        generator = self.generator_figures(measured, gen_cpu0, gen_cpu1, wall)
+        machine = self.machine_figures(machine0, machine1, wall, server, generator)
+        if machine["other_cores"] > OTHER_LOAD_LIMIT:
+            warnings.append(
+                f"processes outside the bench used {machine['other_cores']:.2f} of "
+                f"{procstat.machine()['nproc']} cores meanwhile: the acked rate and latencies "
+                "are disturbed (CPU-second figures much less)")
+        if generator["bottleneck"]:
+            warnings.append(
+                f"the load generator was the bottleneck: {generator['busiest']} used "
+                f"{generator['max_core_pct']:.0f}% of a core; the acked rate is the "
+                "generator's limit, not the server's")
+        say(f"{dep.target}: {publisher.acked:,} publishes acked: "
+            f"{report.num(publisher.acked / ack_span if ack_span else None)} acked publishes/s")
+        return {
+            "target": dep.target, "mode": "acked",
+            "config": {"subscribers": members, "rooms": a.rooms, "messages": a.messages,
+                       "window": a.window, "message_size": a.message_size,
+                       "client_procs": len(self.workers)},
+            "publish_url": dep.publish_url, "member_urls": member_urls,
+            "connected": conn["ok"], "connect_failed": conn["failed"],
+            "connect_s": round(conn["seconds"], 3), "connect_server_cpu_s": conn["server_cpu_s"],
+            "join_messages": conn["join_messages"], "setup_s": round(setup_s, 2),
+            "publish_s": round(publish_s, 3), "measured_s": round(wall, 3),
+            "sent": state["sent"], "acked": publisher.acked, "refused": publisher.refused,
+            "unanswered": state["sent"] - publisher.acked - publisher.refused,
+            "acks_out_of_order": publisher.out_of_order,
+            "duplicate_acks": publisher.duplicate_acks, "stray_acks": publisher.stray,
+            "acked_per_s": publisher.acked / ack_span if ack_span else None,
+            "ack_latency_ms": report.percentiles(publisher.ack_latencies_us),
+            "expected": sum(r["expected"] for r in results), "delivered": delivered,
+            "lost": sum(r["lost"] for r in results),
+            "duplicated": sum(r["duplicated"] for r in results),
+            "out_of_order": sum(r["out_of_order"] for r in results),
+            "misrouted": sum(r["misrouted"] for r in results),
+            "closes": closes,
+            "latency_ms": report.percentiles(latencies),
+            "server": server, "generator": generator, "machine": machine,
+            "warnings": warnings,
+        }
+
+    async def publish_acked(self, pub: AckedPublisher, state: dict[str, int]) -> bool:
+        """Send M publishes, at most --window unanswered, and wait for the last answers.
+
+        True when it stopped early: no answer came for --drain-timeout seconds.
+        """
+        a = self.args
+        rooms = [room_name(i) for i in range(a.rooms)]
+        for seq in range(a.messages):
+            while pub.inflight >= a.window:
+                if not await self.answer(pub):
+                    return True
+            await pub.drain()
+            if pub.closed.done():
+                raise BenchError(f"the publisher's connection closed ({pub.close_code})")
+            pub.send_publish(rooms[seq % a.rooms], seq, a.message_size)
+            state["sent"] = seq + 1
+        while pub.inflight > 0:
+            if not await self.answer(pub):
+                return True
+        return False
+
+    async def answer(self, pub: AckedPublisher) -> bool:
+        """Wait for the next acknowledgement; False after --drain-timeout without one."""
+        pub.answered.clear()
+        try:
+            await asyncio.wait_for(pub.answered.wait(),
+                                   self.deadline.left(self.args.drain_timeout))
+        except TimeoutError:
+            self.deadline.left()  # Out of --max-seconds: BenchError rather than a stall.
+            return False
+        return True
+
+    def acked_expected(self, conn: dict[str, Any], members: int, unacked: set[int]) -> int:
+        """Deliveries the members owe: each acknowledged message, once per member of its room.
+
+        Exact when every member connected; otherwise the connect count stands (the wait then
+        ends on --drain-timeout and the per-member figures are still exact).
+        """
+        if not unacked:
+            return int(conn["expected"])
+        if conn["failed"]:
+            return int(conn["expected"])
+        rooms: int = self.args.rooms
+        missing_per_room = [0] * rooms
+        for seq in unacked:
+            missing_per_room[seq % rooms] += 1
+        return int(conn["expected"]) - sum(missing_per_room[i % rooms] for i in range(members))
+
+    async def acked_progress(self, target: str, pub: AckedPublisher,
+                             state: dict[str, int]) -> None:
+        start = time.monotonic()
+        while True:
+            await asyncio.sleep(1.0)
+            got = (await self.totals())["messages"]
+            elapsed = time.monotonic() - start
+            say(f"{target}: {state['sent']:,}/{self.args.messages:,} sent, {pub.acked:,} "
+                f"acked ({pub.acked / elapsed:,.0f}/s), {got:,} received by the members, "
+                f"{elapsed:.0f} s")
 
 
 def num_kib(value: float | None) -> str:
@@ -524,6 +804,14 @@ def write_json(path: Path, doc: dict[str, Any]) -> None:
 async def bench(args: argparse.Namespace, out: Path) -> int:
     from loadtest.loadgen import start_workers
 
+    node_modules = None
+    if args.socketio:  # Before the --max-seconds clock: a first install may take a while.
+        try:
+            node_modules = await asyncio.to_thread(npmcache.ensure_installed, say=say)
+        except npmcache.NpmError as exc:
+            print(f"bench: {exc}", file=sys.stderr)
+            return 1
+        say(f"socket.io packages in {node_modules}")
     deadline = Deadline(args.max_seconds)
     logdir = Path(tempfile.mkdtemp(prefix="roomcast-bench-"))
     doc: dict[str, Any] = {
@@ -534,23 +822,30 @@ async def bench(args: argparse.Namespace, out: Path) -> int:
         "points": [], "plot": None, "error": None,
     }
     sizes = args.sweep or [args.subscribers]
-    with_reference = not args.no_reference and args.target != "reference"
+    # No reference in --acked mode: the bare server acknowledges nothing.
+    with_reference = not args.no_reference and args.target != "reference" and not args.acked
     say(f"{len(args.sweep or [1])} point(s), {args.client_procs} load-generator process(es), "
         f"servers' logs in {logdir}")
     workers = await asyncio.to_thread(start_workers, args.client_procs)
-    points: list[tuple[report.Run, report.Run | None]] = []
+    points: list[report.Point] = []
     ok = False
     try:
-        run = Bench(args, workers, deadline, logdir)
+        run = Bench(args, workers, deadline, logdir, node_modules)
         await run.all_workers(30, op="counts")  # Spawned and serving.
         for size in sizes:
             target = await run.measure(args.target, size)
             ref = await run.measure("reference", size) if with_reference else None
-            points.append((target, ref))
-            doc["points"].append({"target": target, "reference": ref,
-                                  "ratios": report.ratios(target, ref) if ref else None})
+            sio_run = await run.measure("socketio", size) if args.socketio else None
+            points.append((target, ref, sio_run))
+            doc["points"].append({
+                "target": target, "reference": ref, "socketio": sio_run,
+                "ratios": report.ratios(target, ref) if ref else None,
+                "ratios_socketio": report.ratios(target, sio_run) if sio_run else None,
+            })
             write_json(out, doc)
-            print(report.summary(target, ref) + "\n", flush=True)
+            text = (report.acked_summary(target, sio_run) if args.acked
+                    else report.summary(target, ref, sio_run))
+            print(text + "\n", flush=True)
         if args.sweep:
             print("== sweep: " + ", ".join(str(s) for s in sizes) + " subscribers", flush=True)
             print(report.sweep_table(points) + "\n", flush=True)

@@ -3,7 +3,13 @@
 A worker process owns a share of the subscribers. The coordinator (bench.py) drives it through a
 pipe with small command dicts (``WorkerHandle.call``); the worker answers each with one dict.
 Subscribers record, per message, the receive time minus the publisher's ``sent_ns`` (latency) and
-count every sequence number they see (loss and duplicates are computed from the counts at the end).
+count every sequence number they see (loss and duplicates are computed from the counts at the end;
+a first arrival below the highest number seen so far counts as out of order).
+
+Three dialects: ``native`` (roomcast: wait for ``welcome``, send ``join``, wait for ``joined``),
+``reference`` (the bare server: ready once the WebSocket is open, every client gets every message)
+and ``socketio`` (Engine.IO v4 + Socket.IO v5, loadtest/sio.py: the room is named in the
+handshake query, ready once the CONNECT is answered, Engine.IO pings answered).
 """
 
 from __future__ import annotations
@@ -20,10 +26,15 @@ from multiprocessing.process import BaseProcess
 from typing import Any, cast
 from urllib.parse import urlsplit
 
-from loadtest import wire
+from loadtest import sio, wire
 
 HANDSHAKE_LIMIT = 16384  # Bytes of response head before the handshake counts as broken.
 CLOSE_TIMEOUT = 2.0
+
+NATIVE = "native"
+REFERENCE = "reference"
+SOCKETIO = "socketio"
+DIALECTS = (NATIVE, REFERENCE, SOCKETIO)
 
 
 @dataclass(frozen=True, slots=True)
@@ -208,23 +219,26 @@ class Tally:
 class Subscriber(WSClient):
     """A bench client: ``ready`` resolves once it can receive (joined, or just open).
 
-    ``native``: speak roomcast's protocol (wait for welcome, join ``room`` when given). Otherwise
-    (the reference server) the client is ready as soon as the handshake is done.
+    ``dialect`` native: roomcast's protocol (wait for welcome, join ``room`` when given);
+    reference: ready as soon as the handshake is done; socketio: the endpoint's query already
+    names the room (subscriber_endpoint), ready once socket.io answered the CONNECT.
     """
 
     def __init__(
-        self, endpoint: Endpoint, tally: Tally, messages: int, room: str | None, native: bool
+        self, endpoint: Endpoint, tally: Tally, messages: int, room: str | None, dialect: str
     ) -> None:
         super().__init__(endpoint)
         self.tally = tally
         self.room = room
-        self.native = native
+        self.dialect = dialect
         self.ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self.counts = bytearray(messages)  # Times each sequence number arrived (capped at 255).
         self.received = 0
+        self.top = -1  # The highest sequence number received so far.
+        self.out_of_order = 0  # First arrivals of a number below ``top``.
 
     def on_open(self) -> None:
-        if not self.native:
+        if self.dialect == REFERENCE:
             self.ready.set_result(None)
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -236,6 +250,9 @@ class Subscriber(WSClient):
         stamp = wire.read_stamp(payload)
         tally = self.tally
         if stamp is None:
+            if payload == sio.PING and self.dialect == SOCKETIO:
+                self.send_text(sio.PONG)  # Engine.IO heartbeat: not an envelope, not counted.
+                return
             tally.other += 1
             if not self.ready.done():
                 self._handshake_step(payload)
@@ -252,9 +269,15 @@ class Subscriber(WSClient):
             seen = counts[seq]
             if seen < 255:
                 counts[seq] = seen + 1
+            if seq > self.top:
+                self.top = seq
+            elif not seen:
+                self.out_of_order += 1
 
     def _handshake_step(self, payload: bytes) -> None:
-        if b'"type":"welcome"' in payload:
+        if self.dialect == SOCKETIO:
+            self._socketio_step(payload)
+        elif b'"type":"welcome"' in payload:
             if self.room is None:
                 self.ready.set_result(None)
             else:
@@ -263,6 +286,85 @@ class Subscriber(WSClient):
             self.ready.set_result(None)
         elif b'"type":"error"' in payload:
             self.ready.set_exception(RuntimeError(payload[:200].decode(errors="replace")))
+
+    def _socketio_step(self, payload: bytes) -> None:
+        try:
+            packet = sio.parse(payload)
+        except sio.SioError as exc:
+            self.ready.set_exception(exc)
+            return
+        if packet.kind == "open":
+            self.send_text(sio.CONNECT)
+        elif packet.kind == "connect":
+            self.ready.set_result(None)
+        elif packet.kind in ("connect_error", "disconnect", "close"):
+            detail = payload[:200].decode(errors="replace")
+            self.ready.set_exception(RuntimeError(f"socket.io refused: {detail}"))
+
+
+class AckedPublisher(Subscriber):
+    """The --acked publisher: each publish asks for an acknowledgement, whose id is the message's
+    sequence number (roomcast's ``published``, socket.io's ack callback).
+
+    ``status[seq]`` is 0 while pending, 1 once acknowledged, 2 once refused (roomcast's
+    ``error`` with that id). An acknowledgement whose id is below one already received counts as
+    out of order. ``answered`` is set on every acknowledgement or refusal, for the sender's window.
+    """
+
+    def __init__(self, endpoint: Endpoint, dialect: str, messages: int) -> None:
+        if dialect == REFERENCE:
+            raise ValueError("the reference server does not acknowledge publishes")
+        super().__init__(endpoint, Tally(), 0, None, dialect)
+        self.status = bytearray(messages)
+        self.sent_ns = array.array("q", bytes(8 * messages))
+        self.ack_latencies_us: array.array[int] = array.array("q")
+        self.inflight = 0
+        self.acked = self.refused = self.out_of_order = self.duplicate_acks = self.stray = 0
+        self.top_ack = -1
+        self.first_ack_ns = self.last_ack_ns = 0
+        self.answered = asyncio.Event()
+
+    def send_publish(self, room: str, seq: int, size: int) -> None:
+        now = time.time_ns()
+        body = wire.publish_frame(room, seq, now, size,
+                                  request_id=seq if self.dialect == NATIVE else None)
+        if self.dialect == SOCKETIO:
+            body = sio.event_frame("publish", body, seq)
+        self.sent_ns[seq] = now
+        self.inflight += 1
+        self.send_text(body)
+
+    def on_message(self, payload: bytes, now_ns: int) -> None:
+        ack = sio.read_ack(payload) if self.dialect == SOCKETIO else wire.read_ack(payload)
+        if ack is None:
+            super().on_message(payload, now_ns)
+            return
+        rid, ok = ack
+        status = self.status
+        if not 0 <= rid < len(status):
+            self.stray += 1
+            return
+        if status[rid]:
+            self.duplicate_acks += 1
+            return
+        status[rid] = 1 if ok else 2
+        self.inflight -= 1
+        if rid < self.top_ack:
+            self.out_of_order += 1
+        else:
+            self.top_ack = rid
+        if ok:
+            self.acked += 1
+            self.ack_latencies_us.append((now_ns - self.sent_ns[rid]) // 1000)
+            self.first_ack_ns = self.first_ack_ns or now_ns
+            self.last_ack_ns = now_ns
+        else:
+            self.refused += 1
+        self.answered.set()
+
+    def unacked(self) -> list[int]:
+        """Sequence numbers not acknowledged (refused, or never answered)."""
+        return [seq for seq, state in enumerate(self.status) if state != 1]
 
 
 async def open_client(client: WSClient, timeout: float) -> None:
@@ -291,12 +393,24 @@ def room_name(index: int) -> str:
     return f"bench-{index}"
 
 
-def expected_seqs(messages: int, rooms: int, room_index: int, native: bool) -> range:
+def subscriber_endpoint(
+    endpoint: Endpoint, dialect: str, user_id: str, room: str | None
+) -> Endpoint:
+    """Where one client connects: roomcast takes its ``user_id`` in the query (it joins its room
+    with a message afterwards); socket.io takes the ``room`` in the query."""
+    if dialect == NATIVE:
+        return endpoint.with_query(user_id=user_id)
+    if dialect == SOCKETIO and room is not None:
+        return endpoint.with_query(room=room)
+    return endpoint
+
+
+def expected_seqs(messages: int, rooms: int, room_index: int, dialect: str) -> range:
     """Sequence numbers a subscriber should receive: message ``seq`` goes to room seq % rooms.
 
     The reference server has no rooms: each of its clients receives every message.
     """
-    return range(room_index, messages, rooms) if native else range(messages)
+    return range(messages) if dialect == REFERENCE else range(room_index, messages, rooms)
 
 
 # --- worker process ------------------------------------------------------------------------------
@@ -343,7 +457,7 @@ class Worker:
     async def op_connect(self, cmd: dict[str, Any]) -> dict[str, Any]:
         """Open ``count`` subscribers, global indexes ``first``..; bounded by ``timeout``."""
         endpoints = [Endpoint.parse(url) for url in cmd["urls"]]
-        native: bool = cmd["native"]
+        dialect: str = cmd["dialect"]
         rooms: int = cmd["rooms"]
         messages: int = cmd["messages"]
         limit = asyncio.Semaphore(cmd["concurrency"])
@@ -355,9 +469,8 @@ class Worker:
             endpoint = endpoints[index % len(endpoints)]
             room_index = index % rooms
             room = room_name(room_index) if cmd["join"] else None
-            if native:
-                endpoint = endpoint.with_query(user_id=f"{cmd['run_id']}-{index}")
-            sub = Subscriber(endpoint, self.tally, messages, room, native)
+            endpoint = subscriber_endpoint(endpoint, dialect, f"{cmd['run_id']}-{index}", room)
+            sub = Subscriber(endpoint, self.tally, messages, room, dialect)
             async with limit:
                 left = deadline - time.monotonic()
                 try:
@@ -365,7 +478,7 @@ class Worker:
                 except Exception as exc:
                     errors[f"{type(exc).__name__}: {exc}"[:120]] += 1
                     return
-            want = expected_seqs(messages, rooms, room_index, native) if cmd["join"] else range(0)
+            want = expected_seqs(messages, rooms, room_index, dialect) if cmd["join"] else range(0)
             opened.append((sub, want))
 
         first: int = cmd["first"]
@@ -389,31 +502,46 @@ class Worker:
     async def op_reset(self, cmd: dict[str, Any]) -> dict[str, Any]:
         self.tally.reset()
         for sub, _ in self.subs:
-            sub.received = 0
+            sub.received = sub.out_of_order = 0
+            sub.top = -1
             sub.counts[:] = bytes(len(sub.counts))
         return {}
 
     async def op_results(self, cmd: dict[str, Any]) -> dict[str, Any]:
-        """Loss and duplicates per subscriber (by sequence number), and every latency sample."""
-        lost = duplicated = misrouted = delivered = expected = lossy = 0
+        """Loss, duplicates and order per subscriber (by sequence number), every latency sample.
+
+        ``unacked`` (optional): sequence numbers the server did not acknowledge; they are not
+        expected, and receiving one is not counted as a delivery (nor as misrouted).
+        """
+        unacked = set(cmd.get("unacked") or ())
+        lost = duplicated = misrouted = delivered = expected = lossy = out_of_order = 0
         closes: Counter[int] = Counter()
         for sub, want in self.subs:
             counts = sub.counts
             mine = counts[want.start : want.stop : want.step] if len(want) else b""
             distinct_all = len(counts) - counts.count(0)
             distinct = len(mine) - mine.count(0)
-            expected += len(want)
+            wanted = len(want)
+            if unacked:
+                skip = [seq for seq in unacked if seq in want]
+                got_skipped = sum(1 for seq in skip if counts[seq])
+                wanted -= len(skip)
+                distinct -= got_skipped
+                distinct_all -= got_skipped
+            expected += wanted
             delivered += distinct
-            lost += len(want) - distinct
-            lossy += distinct < len(want)
+            lost += wanted - distinct
+            lossy += distinct < wanted
             misrouted += distinct_all - distinct
-            duplicated += sub.received - distinct_all
+            duplicated += sub.received - (len(counts) - counts.count(0))
+            out_of_order += sub.out_of_order
             if sub.close_code is not None:
                 closes[sub.close_code] += 1
         t = self.tally
         return {
             "expected": expected, "delivered": delivered, "lost": lost,
             "duplicated": duplicated, "misrouted": misrouted, "lossy_subscribers": lossy,
+            "out_of_order": out_of_order,
             "closes": {str(code): n for code, n in closes.items()},
             "first_ns": t.first_ns, "last_ns": t.last_ns,
             "latencies_us": t.latencies_us.tobytes(),

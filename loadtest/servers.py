@@ -1,8 +1,11 @@
 """The servers under test, started as real processes on 127.0.0.1 and stopped by PID.
 
 A ``Deployment`` is what one bench run talks to: the URLs subscribers spread over, the URL the
-publisher uses, the PIDs whose CPU and memory are measured, and the PID that receives the idle
-connections of the memory measurement. Every start waits, bounded, for the port to answer.
+publisher uses, the dialect spoken there, the PIDs whose CPU and memory are measured, and the PID
+that receives the idle connections of the memory measurement. Every start waits, bounded, for the
+port to answer. Three kinds: roomcast nodes (alone or sharing a redis-server), the bare
+python-websockets reference, and the socket.io reference (loadtest/socketio/server.js under
+Node, alone or sharing a redis-server through @socket.io/redis-adapter).
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from loadtest import sio
 from roomcast.tools.procs import find_binary, free_port
 
 #: Flags every bench node gets: the publisher is not rate limited, nodes exit at once when
@@ -29,6 +33,7 @@ NODE_FLAGS = (
     "--log-format", "json", "--log-level", "warning",
 )
 START_ATTEMPTS = 3
+SOCKETIO_SERVER = Path(__file__).resolve().parent / "socketio" / "server.js"
 
 
 class StartError(RuntimeError):
@@ -38,7 +43,7 @@ class StartError(RuntimeError):
 @dataclass
 class ServerProcess:
     name: str
-    role: str  # node, redis or reference
+    role: str  # node, redis, reference or socketio
     proc: subprocess.Popen[bytes]
     port: int
     log: Path
@@ -53,7 +58,7 @@ class Deployment:
     """The servers of one run and how clients reach them."""
 
     target: str
-    native: bool  # roomcast's protocol (rooms, join) or the reference's (just connect)
+    dialect: str  # loadgen.NATIVE (rooms, join), REFERENCE (just connect) or SOCKETIO
     subscriber_urls: list[str]
     publish_url: str
     processes: list[ServerProcess] = field(default_factory=list)
@@ -97,14 +102,14 @@ def _answers(port: int, probe: bytes, expect: bytes) -> bool:
 
 def _spawn(
     name: str, role: str, argv: list[str], port: int, logdir: Path,
-    probe: bytes, expect: bytes, timeout: float,
+    probe: bytes, expect: bytes, timeout: float, env: dict[str, str] | None = None,
 ) -> ServerProcess:
     """Start ``argv`` with its output in ``logdir/name.log``; wait until ``probe`` is answered."""
     log = logdir / f"{name}.log"
     with log.open("wb") as out:
         proc = subprocess.Popen(
             argv, stdout=out, stderr=subprocess.STDOUT,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
         )
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -119,13 +124,13 @@ def _spawn(
 
 def _start(
     name: str, role: str, argv_for: Callable[[int], list[str]], logdir: Path, probe: bytes,
-    expect: bytes, timeout: float,
+    expect: bytes, timeout: float, env: dict[str, str] | None = None,
 ) -> ServerProcess:
     """_spawn on a fresh free port, again on another one if the first was taken meanwhile."""
     for attempt in range(START_ATTEMPTS):
         port = free_port()
         try:
-            return _spawn(name, role, argv_for(port), port, logdir, probe, expect, timeout)
+            return _spawn(name, role, argv_for(port), port, logdir, probe, expect, timeout, env)
         except StartError:
             if attempt == START_ATTEMPTS - 1:
                 raise
@@ -174,7 +179,7 @@ def start_reference(logdir: Path, timeout: float) -> Deployment:
 
     server = _start("reference", "reference", argv, logdir, b"", b"", timeout)
     url = f"ws://127.0.0.1:{server.port}/"
-    return Deployment("reference", False, [url], url, [server], idle_pid=server.pid)
+    return Deployment("reference", "reference", [url], url, [server], idle_pid=server.pid)
 
 
 def start_roomcast(
@@ -192,15 +197,49 @@ def start_roomcast(
         for index in range(nodes if cluster else 1):
             started.append(start_node(index, logdir, redis_url, extra, timeout, prefix))
     except BaseException:
-        Deployment("", True, [], "", started).stop()
+        Deployment("", "native", [], "", started).stop()
         raise
     node_procs = [p for p in started if p.role == "node"]
     urls = [f"ws://127.0.0.1:{p.port}/ws" for p in node_procs]
     target = "roomcast-cluster" if cluster else "roomcast-embedded"
-    return Deployment(target, True, urls, urls[0], started, idle_pid=node_procs[0].pid)
+    return Deployment(target, "native", urls, urls[0], started, idle_pid=node_procs[0].pid)
 
 
-def external(urls: list[str], native: bool, pids: list[int]) -> Deployment:
+def start_socketio(
+    processes: int, logdir: Path, timeout: float, cluster: bool, node_modules: Path
+) -> Deployment:
+    """``processes`` socket.io servers sharing a fresh redis-server, or one without Redis.
+
+    ``node_modules`` is the npm cache of npmcache.ensure_installed (given to Node as NODE_PATH).
+    """
+    node = find_binary("node")
+    if node is None:
+        raise StartError("node is not installed (--socketio needs Node.js 18+)")
+    env = {"NODE_PATH": str(node_modules), "NODE_ENV": "production"}
+    started: list[ServerProcess] = []
+    try:
+        redis_url = None
+        if cluster:
+            redis = start_redis(logdir, timeout)
+            started.append(redis)
+            redis_url = f"redis://127.0.0.1:{redis.port}/0"
+        for index in range(processes if cluster else 1):
+            def argv(port: int) -> list[str]:
+                cmd = [node, str(SOCKETIO_SERVER), "--host", "127.0.0.1", "--port", str(port)]
+                return cmd + (["--redis-url", redis_url] if redis_url else [])
+
+            started.append(_start(f"socketio-{index}", "socketio", argv, logdir, READY_PROBE,
+                                  b"HTTP/1.1 200", timeout, env))
+    except BaseException:
+        Deployment("", "socketio", [], "", started).stop()
+        raise
+    procs = [p for p in started if p.role == "socketio"]
+    urls = [f"ws://127.0.0.1:{p.port}{sio.PATH}" for p in procs]
+    target = "socketio-cluster" if cluster else "socketio"
+    return Deployment(target, "socketio", urls, urls[0], started, idle_pid=procs[0].pid)
+
+
+def external(urls: list[str], dialect: str, pids: list[int]) -> Deployment:
     """Servers the bench did not start: measured only through the PIDs given."""
-    return Deployment("url", native, urls, urls[0], [], list(pids),
+    return Deployment("url", dialect, urls, urls[0], [], list(pids),
                       idle_pid=pids[0] if pids else None)

@@ -148,17 +148,39 @@ def close_code(payload: bytes) -> int:
 # --- the bench message --------------------------------------------------------------------------
 
 
-def publish_frame(room: str, seq: int, sent_ns: int, size: int = 100) -> bytes:
+def publish_frame(
+    room: str, seq: int, sent_ns: int, size: int = 100, request_id: int | None = None
+) -> bytes:
     """A native ``publish`` request of about ``size`` bytes carrying ``seq`` and ``sent_ns``.
 
     ``data`` keeps its keys in this order (seq, sent_ns, pad) so that read_stamp can find them
-    in any envelope that embeds ``data`` verbatim: roomcast's ``message`` or the reference
-    server's echo of this very frame.
+    in any envelope that embeds ``data`` verbatim: roomcast's ``message``, the reference
+    server's echo of this very frame, socket.io's ``message`` event. With ``request_id`` the
+    request asks roomcast for a ``published`` acknowledgement carrying that id.
     """
-    head = b'{"type":"publish","room":"%s","data":{"seq":%d,"sent_ns":%d,"pad":"' % (
-        room.encode(), seq, sent_ns,
+    rid = b'"id":%d,' % request_id if request_id is not None else b""
+    head = b'{"type":"publish",%s"room":"%s","data":{"seq":%d,"sent_ns":%d,"pad":"' % (
+        rid, room.encode(), seq, sent_ns,
     )
     return head + b"x" * max(0, size - len(head) - 3) + b'"}}'
+
+
+def read_ack(payload: bytes) -> tuple[int, bool] | None:
+    """``(request id, ok)`` of roomcast's answer to a publish with an id, or None otherwise.
+
+    ``published`` is ok; an ``error`` carrying an integer id is the refusal of that request.
+    """
+    if payload.startswith(b'{"type":"published"'):
+        ok = True
+    elif payload.startswith(b'{"type":"error"'):
+        ok = False
+    else:
+        return None
+    try:
+        rid = orjson.loads(payload).get("id")
+    except (orjson.JSONDecodeError, AttributeError):
+        return None
+    return (rid, ok) if isinstance(rid, int) and not isinstance(rid, bool) else None
 
 
 def read_stamp(payload: bytes) -> tuple[int, int] | None:
