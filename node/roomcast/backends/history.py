@@ -51,6 +51,13 @@ class History(Protocol):
         continued later. Raises BrokerUnavailable when the store is unreachable.
         """
 
+    async def restart_epoch(self, room: str, epoch: str, delivered: int) -> str:
+        """The room's history went back: it is still in ``epoch`` but its last offset is below
+        ``delivered``, which a node has already delivered (a Redis failover lost the newest
+        writes). Start a new epoch (stored messages dropped, offsets from 1 again), so that no
+        offset names two messages; do nothing if the room is no longer in that state (another
+        node restarted it). Returns the room's epoch afterwards."""
+
 
 def new_epoch() -> str:
     """A short random epoch label (hex: safe to splice into JSON unescaped)."""
@@ -150,6 +157,13 @@ class MemoryHistory:
         if state.stored.maxlen:
             state.stored.append((state.offset, payload))
         return state.offset, state.epoch, payload
+
+    async def restart_epoch(self, room: str, epoch: str, delivered: int) -> str:
+        state = self._room(room)
+        if state.epoch == epoch and state.offset < delivered:
+            state.epoch, state.offset = new_epoch(), 0
+            state.stored.clear()
+        return state.epoch
 
     async def read(
         self, room: str, since: Since | None = None, limit: int | None = None

@@ -24,6 +24,14 @@ class RedisHistory:
         self._keys = keys
         self._idle_ttl_ms = max(1, int(idle_ttl * 1000))
         self._script = redis.register_script(load_script("history"))
+        self._restart = redis.register_script(load_script("restart_epoch"))
+
+    @unavailable_on_redis_error
+    async def restart_epoch(self, room: str, epoch: str, delivered: int) -> str:
+        reply = await self._restart(
+            keys=[self._keys.meta(room), self._keys.stream(room)],
+            args=[epoch, delivered, new_epoch()])
+        return as_str(reply)
 
     @unavailable_on_redis_error
     async def read(

@@ -180,11 +180,24 @@ async def _refill(rooms: Rooms, history: History, room: Room) -> None:
     missed: list[Publication] = []
     #: Set when some messages cannot be delivered: the position the members jump to.
     lost: Position | None = None
+    #: History went back in the same epoch: that epoch is retired here.
+    rolled_back = False
     try:
         if position.epoch:
             since = Since(position.offset, position.epoch)
             stored = await history.read(room.name, since)
-            if stored.recovered:
+            if (not stored.recovered and stored.epoch == position.epoch
+                    and stored.offset < position.offset):
+                # History went back below what this node delivered (a failover lost the newest
+                # writes): those offsets would name other messages now. A new epoch, and the
+                # members are told that what follows starts over.
+                epoch = await history.restart_epoch(room.name, position.epoch, position.offset)
+                log.error("room history went back below what was delivered; new epoch",
+                          room=room.name, delivered=position.offset, stored=stored.offset,
+                          epoch=epoch)
+                lost = Position(0, epoch)
+                rolled_back = True
+            elif stored.recovered:
                 missed = stored_publications(room.name, since, stored)
             else:
                 # History no longer has the gap. What it holds of the current epoch from its
@@ -205,6 +218,15 @@ async def _refill(rooms: Rooms, history: History, room: Room) -> None:
         lost = position
     finally:
         backlog, room.backlog = room.backlog or [], None
+        if rolled_back and lost is not None:
+            # Whatever still comes in the retired epoch may reuse an offset already delivered:
+            # it is dropped (the gap notice below tells the members), here and from now on.
+            room.retired = position.epoch
+            backlog = [p for p in backlog if p.epoch != position.epoch]
+            log.warning("messages lost in a gap, members told", room=room.name,
+                        since=position.offset, until=0, epoch=lost.epoch)
+            rooms.announce_gap(room, lost)
+            lost = None
         if lost is not None and not missed:
             # Everything queued meanwhile is delivered: the gap ends just before the first of it.
             queued = [p for p in backlog if p.offset]

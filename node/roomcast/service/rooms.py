@@ -35,7 +35,8 @@ Encoder = Callable[[dict[str, Any]], bytes | None]
 class Room:
     """One room's local state: members grouped by codec, joiners still replaying, position."""
 
-    __slots__ = ("backlog", "floors", "members", "name", "pending", "position", "refilled")
+    __slots__ = ("backlog", "floors", "members", "name", "pending", "position", "refilled",
+                 "retired")
 
     def __init__(self, name: str) -> None:
         self.name = name
@@ -52,6 +53,8 @@ class Room:
         self.backlog: list[Publication] | None = None
         #: Set when that refill is over (joins wait for it before reading their position).
         self.refilled: asyncio.Event | None = None
+        #: An epoch whose history went back (recovery._refill): its publications are dropped.
+        self.retired = ""
 
     def __len__(self) -> int:
         return sum(len(group) for group in self.members.values()) + len(self.pending)
@@ -197,6 +200,8 @@ class Rooms:
         if room.backlog is not None:  # Refilling after a resubscribe: this comes after.
             room.backlog.append(publication)
             return
+        if room.retired and publication.epoch == room.retired and publication.offset:
+            return  # Its offsets may name messages already delivered: the members were told.
         if self.on_gap is not None and room.position.skips_to(publication):
             self.on_gap(room, publication)  # Queued behind a refill of what is missing.
             return
