@@ -141,12 +141,6 @@ async def test_a_request_after_a_burst_is_answered_after_every_ack(
 
 # --- 3. an invalid publish in a burst ---------------------------------------------------------
 
-DECODE_ERROR_OVERTAKES = (
-    "bug: a publish refused while it is decoded (bad room, data too deep: "
-    "WebSocketEndpoint._serve's except clause) gets its error at once, before the acks of "
-    "the publishes still in flight ahead of it; only errors raised by service.publish are "
-    "sent in request order (_answer_publishes)")
-
 NAMESPACES = """\
 [default]
 join = "anyone"
@@ -166,10 +160,8 @@ def nested(depth: int) -> Any:
 
 @pytest.mark.parametrize("case", [
     pytest.param("forbidden room", id="forbidden"),
-    pytest.param("invalid room", id="invalid-room",
-                 marks=pytest.mark.xfail(strict=True, reason=DECODE_ERROR_OVERTAKES)),
-    pytest.param("data too deep", id="data-too-deep",
-                 marks=pytest.mark.xfail(strict=True, reason=DECODE_ERROR_OVERTAKES)),
+    pytest.param("invalid room", id="invalid-room"),
+    pytest.param("data too deep", id="data-too-deep"),
 ])
 async def test_an_invalid_publish_in_a_burst_is_answered_in_its_place(
     case: str, start_node: StartNode, redis_server: RedisServer, tmp_path: Path,

@@ -49,7 +49,10 @@ class Conn:
 
 
 class DirectFanout:
-    def settle(self) -> None:
+    def joined(self, group: Any, conn: Any) -> None:
+        pass
+
+    def leaving(self, group: Any, conn: Any) -> None:
         pass
 
     def send(self, connections: Iterable[Any], payload: bytes, skip: str = "") -> int:

@@ -74,8 +74,12 @@ class Fanout(Protocol):
 
         ``connections`` may be a room's member group itself (a dict that Rooms keeps): the
         transport may then queue the payload once for the whole group and hand it to the
-        members later, in order, as long as it does so before the group changes (Rooms calls
-        ``settle`` first) and before anything else is written to them; it may return 0 then."""
+        members later, in order, and before anything else is written to them, as long as a
+        member gets exactly what was sent while it was in the group (Rooms calls ``joined``
+        before adding a member and ``leaving`` before removing one); it may return 0 then."""
 
-    def settle(self) -> None:
-        """Hand what is queued for member groups to their members now (see send)."""
+    def joined(self, group: dict[Any, None], conn: Any) -> None:
+        """``conn`` is about to be added to ``group``: nothing queued so far is for it."""
+
+    def leaving(self, group: dict[Any, None], conn: Any) -> None:
+        """``conn`` is about to leave ``group``: what is queued for it must reach it."""

@@ -134,9 +134,10 @@ class Rooms:
         await asyncio.shield(task)
 
     def _promote(self, room: Room, conn: Connection) -> list[Publication]:
-        self._fanout.settle()  # What was delivered before it joined is not for it.
         queued = room.pending.pop(conn, [])
-        room.members.setdefault(conn.codec, {})[conn] = None
+        group = room.members.setdefault(conn.codec, {})
+        self._fanout.joined(group, conn)  # What was delivered before it joined is not for it.
+        group[conn] = None
         return queued
 
     def finish_replay(self, room_name: str, conn: Connection) -> list[Publication]:
@@ -153,7 +154,8 @@ class Rooms:
             return
         group = room.members.get(conn.codec)
         if group is not None:
-            self._fanout.settle()  # What was delivered while it was a member is still for it.
+            if conn in group:  # What was delivered while it was a member is still for it.
+                self._fanout.leaving(group, conn)
             group.pop(conn, None)
             if not group:
                 del room.members[conn.codec]

@@ -604,7 +604,7 @@ class WebSocketEndpoint:
         # Publishes in flight, oldest first: read-ahead (see _publish).
         inflight: collections.deque[tuple[asyncio.Future[Any], envelopes.Publish]] = (
             collections.deque())
-        async for frame in self._admitted(session, codec):
+        async for frame in self._admitted(session, codec, inflight):
             rid = None
             try:
                 request = codec.decode(frame)
@@ -617,6 +617,8 @@ class WebSocketEndpoint:
                     await self._settle(session, codec, inflight, 0)
                 await self._execute(session, codec, request)
             except Exception as exc:
+                if inflight:  # A frame refused as it was read, too, is answered in its place.
+                    await self._settle(session, codec, inflight, 0)
                 if not self._refused(session, codec, exc, rid):
                     raise
         # The client is gone: what it published is in Redis' queue, and its acks go nowhere.
@@ -719,7 +721,10 @@ class WebSocketEndpoint:
         if out is not None:
             session.send(out)
 
-    async def _admitted(self, session: Session, codec: Codec) -> AsyncIterator[str | bytes]:
+    async def _admitted(
+        self, session: Session, codec: Codec,
+        inflight: collections.deque[tuple[asyncio.Future[Any], envelopes.Publish]],
+    ) -> AsyncIterator[str | bytes]:
         """The client's messages that passed the rate limit when they arrived (their verdicts
         queue beside them, AdmittedConnection); ends once a flooder has been closed."""
         ws = session.ws
@@ -739,6 +744,8 @@ class WebSocketEndpoint:
             if verdict.flood:
                 ws.close_flooding()
                 break
+            if inflight:  # Answered in its place: after the publishes read before it.
+                await self._settle(session, codec, inflight, 0)
             # The refused frame is parsed only for its id, so the client can match the refusal.
             session.send(codec.error(ErrorCode.RATE_LIMITED, RATE_LIMITED_TEXT, request_id(frame),
                                      retry_after_ms=verdict.retry_after_ms))

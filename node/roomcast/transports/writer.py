@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import struct
+import time
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
@@ -33,6 +34,10 @@ log = structlog.get_logger("roomcast.writer")
 #: the next one and shares its writes (one syscall per connection). It bounds what the
 #: coalescing adds to a message's latency.
 FLUSH_INTERVAL = 0.001
+#: A flush that wrote to many connections (a join storm: every member gets every user_joined)
+#: is followed by a pause as long as it took, so that writing takes at most about half of the
+#: node's time and what arrives meanwhile shares the next writes; never longer than this.
+MAX_FLUSH_WAIT = 0.05
 
 _TEXT_FIN = 0x81  # FIN bit + opcode 0x1 (text), RFC 6455 section 5.2.
 
@@ -66,9 +71,14 @@ class FrameWriter:
         self._scheduled = False
         self._interval = interval
         self._flushed_at = 0.0
+        #: Seconds the last flush spent writing: the next one waits at least as long.
+        self._flush_took = 0.0
         #: Called before anything is written (SessionFanout.settle): queued room-wide frames
         #: join the connections' pending lists first, so that nothing overtakes them.
         self.before_write: Callable[[], None] | None = None
+        #: Called before a write to one connection (SessionFanout.settle_one): its share of
+        #: the queued room-wide frames joins its pending list first.
+        self.before_write_one: Callable[[ServerConnection], None] | None = None
         #: Writes made and frames written, for tests and the benchmark.
         self.writes = 0
         self.frames = 0
@@ -111,11 +121,13 @@ class FrameWriter:
         self.frames += frames
 
     def schedule(self) -> None:
-        """Flush on the next loop turn, or FLUSH_INTERVAL after the last flush if sooner."""
+        """Flush on the next loop turn, or, when the last flush was recent, once as much time
+        has passed since it as it took (at least FLUSH_INTERVAL, at most MAX_FLUSH_WAIT)."""
         if not self._scheduled:
             self._scheduled = True
             loop = asyncio.get_running_loop()
-            wait = self._flushed_at + self._interval - loop.time()
+            gap = min(max(self._interval, self._flush_took), MAX_FLUSH_WAIT)
+            wait = self._flushed_at + gap - loop.time()
             if wait > 0:  # Busy: what comes in meanwhile goes out in the same writes.
                 loop.call_later(wait, self.flush)
             else:
@@ -124,8 +136,8 @@ class FrameWriter:
     def write_now(self, ws: ServerConnection, payload: bytes) -> None:
         """Write ``payload`` to one connection at once, after what is pending for it, so a
         reply never overtakes a publication queued before it. Does not yield."""
-        if self.before_write is not None:
-            self.before_write()
+        if self.before_write_one is not None:
+            self.before_write_one(ws)
         self.flush_one(ws)
         self.write_extended(ws, payload)
 
@@ -150,8 +162,10 @@ class FrameWriter:
         if self.before_write is not None:
             self.before_write()
         pending, self._pending = self._pending, {}
+        started = time.perf_counter()
         for ws, frames in pending.items():
             self._write(ws, frames)
+        self._flush_took = time.perf_counter() - started
 
     def _write(self, ws: ServerConnection, frames: list[bytes]) -> None:
         # A close that started since the frames were queued wins: nothing may follow a close
@@ -200,30 +214,34 @@ class SessionFanout:
     pre-built frame per message through the node's ``FrameWriter``.
 
     A room's member group (the dict Rooms keeps per codec) is not walked per message: its
-    messages queue in an outbox of the group, and ``settle`` (before any write: the writer's
-    ``before_write``) hands each member all of them as one joined chunk, after one look at its
-    send budget. A burst of N messages to M members thus costs M appends, not N x M. Rooms
-    settles before it changes a group (``settle``), so a member gets exactly the messages
-    delivered while it was in the group. The slow-consumer check is made per settle, so a
-    client can hold --max-send-buffer plus what reached its room in one flush interval.
+    messages queue in an outbox of the group, and ``settle`` (before the writer flushes) hands
+    each member all of them as one joined chunk, after one look at its send budget. A burst of
+    N messages to M members thus costs M appends, not N x M. Each outbox knows, per member
+    that joined, left or was written to since it opened, from which of its messages on that
+    member's share starts: a member that joins gets only what is queued after it joined
+    (``joined``), one that leaves gets its share at once (``leaving``), and a reply to one
+    member first takes that member's share (``settle_one``): all O(1) or O(messages), never
+    O(members). The slow-consumer check is made per settle, so a client can hold
+    --max-send-buffer plus what reached its room in one flush interval.
     """
 
     def __init__(self, writer: FrameWriter, metrics: Metrics, max_send_buffer: int) -> None:
         self.writer = writer
         self.budget = SendBudget(metrics, max_send_buffer)
         self._metrics = metrics
-        #: id(group) -> (group, [(payload, skip conn_id)]): held, the group's id stays unique.
-        self._outbox: dict[int, tuple[dict[Any, None], list[tuple[bytes, str]]]] = {}
+        #: id(group) -> its outbox; holding the group keeps its id unique.
+        self._outbox: dict[int, _Outbox] = {}
         writer.before_write = self.settle
+        writer.before_write_one = self.settle_one
 
     def send(self, connections: Iterable[Any], payload: bytes, skip: str = "") -> int:
         if type(connections) is dict:  # A room's member group: queued once for all of them.
             box = self._outbox.get(id(connections))
             if box is None:
-                self._outbox[id(connections)] = (connections, [(payload, skip)])
+                self._outbox[id(connections)] = _Outbox(connections, payload, skip)
                 self.writer.schedule()
             else:
-                box[1].append((payload, skip))
+                box.entries.append((payload, skip))
             return 0  # Counted in roomcast_messages_out when settled.
         self.settle()  # A list of some members (rare): in order after what is queued.
         targets = []
@@ -239,41 +257,94 @@ class SessionFanout:
             targets.append(session.ws)
         return self.writer.send(targets, payload)
 
+    def joined(self, group: dict[Any, None], session: Any) -> None:
+        """``session`` is joining ``group``: what is queued so far is not for it."""
+        box = self._outbox.get(id(group))
+        if box is not None:
+            box.starts[session] = len(box.entries)
+
+    def leaving(self, group: dict[Any, None], session: Any) -> None:
+        """``session`` is leaving ``group``: its share of what is queued goes to it now."""
+        box = self._outbox.get(id(group))
+        if box is not None:
+            self._hand(box, session)
+
+    def settle_one(self, ws: ServerConnection) -> None:
+        """Before a reply to ``ws``: its share of every outbox goes into its pending writes."""
+        session = getattr(ws, "session", None)
+        if session is None:
+            return
+        for box in self._outbox.values():
+            if session in box.group:
+                self._hand(box, session)
+
     def settle(self) -> None:
         """Hand every queued group message to its members' pending writes, in order."""
         if not self._outbox:
             return
         outbox, self._outbox = self._outbox, {}
-        writer, budget = self.writer, self.budget
-        limit = budget.max_send_buffer
-        delivered = 0
-        for group, entries in outbox.values():
-            frames = [text_frame(payload) for payload, _ in entries]
+        for box in outbox.values():
+            frames = box.frames()
             chunk = frames[0] if len(frames) == 1 else b"".join(frames)
-            count = len(frames)
-            skips = {skip for _, skip in entries if skip}
-            for session in group:
-                if session.slow:
-                    continue
-                ws = session.ws
-                if ws.transport.get_write_buffer_size() > limit:
-                    budget.cut(session)
-                    continue
-                data, n = chunk, count
-                if skips and session.conn_id in skips:  # An event "to the others": not it.
-                    own = [f for f, (_, skip) in zip(frames, entries, strict=True)
-                           if skip != session.conn_id]
-                    data, n = b"".join(own), len(own)
-                    if not n:
-                        continue
-                if raw_writable(ws):
-                    writer.queue(ws, data, n)
-                    delivered += n
-                elif ws.protocol.state is OPEN:  # Compressed: each message through websockets.
-                    writer.flush_one(ws)
-                    for payload, skip in entries:
-                        if skip != session.conn_id:
-                            writer.write_extended(ws, payload)
-                    delivered += n
-        # The flush that writes them was scheduled when each outbox was opened (send).
-        self._metrics.messages_out.inc(delivered)
+            starts, hand = box.starts, self._hand
+            for session in box.group:
+                if box.skips or session in starts:
+                    hand(box, session)
+                else:
+                    self._queue(session, chunk, len(frames), box.entries)
+
+    def _hand(self, box: _Outbox, session: Any) -> None:
+        """Give ``session`` the entries of ``box`` from its start on (skipping its own events)
+        and move its start past them."""
+        start = box.starts.get(session, 0)
+        box.starts[session] = len(box.entries)
+        entries = box.entries[start:]
+        if not entries:
+            return
+        frames = box.frames()[start:]
+        own = [f for f, (_, skip) in zip(frames, entries, strict=True)
+               if skip != session.conn_id]
+        if own:
+            self._queue(session, b"".join(own), len(own),
+                        [e for e in entries if e[1] != session.conn_id])
+
+    def _queue(self, session: Any, data: bytes, count: int,
+               entries: list[tuple[bytes, str]]) -> None:
+        if session.slow:
+            return
+        ws = session.ws
+        if ws.transport.get_write_buffer_size() > self.budget.max_send_buffer:
+            self.budget.cut(session)
+            return
+        if raw_writable(ws):
+            self.writer.queue(ws, data, count)
+        elif ws.protocol.state is OPEN:  # Compressed: each message through websockets.
+            self.writer.flush_one(ws)
+            for payload, _ in entries:
+                self.writer.write_extended(ws, payload)
+        else:
+            return
+        self._metrics.messages_out.inc(count)
+
+
+class _Outbox:
+    """The messages queued for one member group since its last settle."""
+
+    __slots__ = ("_frames", "entries", "group", "skips", "starts")
+
+    def __init__(self, group: dict[Any, None], payload: bytes, skip: str) -> None:
+        self.group = group
+        #: (payload, conn_id of the member it must skip, or "").
+        self.entries: list[tuple[bytes, str]] = [(payload, skip)]
+        #: member -> index of its first entry not yet handed to it (joined or served since).
+        self.starts: dict[Any, int] = {}
+        self.skips = bool(skip)
+        self._frames: list[bytes] = []
+
+    def frames(self) -> list[bytes]:
+        """The entries as frames, built once each."""
+        entries, frames = self.entries, self._frames
+        if len(frames) < len(entries):
+            frames.extend(text_frame(payload) for payload, _ in entries[len(frames):])
+            self.skips = self.skips or any(skip for _, skip in entries)
+        return frames
