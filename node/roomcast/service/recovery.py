@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 import structlog
@@ -40,6 +40,8 @@ class Position:
 
     offset: int = 0
     epoch: str = ""
+    #: The payload delivered at ``offset``: a refill checks that history still holds it there.
+    last: bytes = field(default=b"", compare=False)
 
     def advance(self, publication: Publication) -> bool:
         """True when ``publication`` is new here (and move past it); False for a repeat.
@@ -51,7 +53,8 @@ class Position:
             return True
         if publication.epoch == self.epoch and publication.offset <= self.offset:
             return False
-        self.offset, self.epoch = publication.offset, publication.epoch
+        self.offset, self.epoch, self.last = publication.offset, publication.epoch, \
+            publication.payload
         return True
 
     def skips_to(self, publication: Publication) -> bool:
@@ -176,7 +179,7 @@ def begin_refill(
 
 async def _refill(rooms: Rooms, history: History, room: Room) -> None:
     refilled = room.refilled
-    position = Position(room.position.offset, room.position.epoch)
+    position = Position(room.position.offset, room.position.epoch, room.position.last)
     missed: list[Publication] = []
     #: Set when some messages cannot be delivered: the position the members jump to.
     lost: Position | None = None
@@ -185,16 +188,24 @@ async def _refill(rooms: Rooms, history: History, room: Room) -> None:
     try:
         if position.epoch:
             since = Since(position.offset, position.epoch)
-            stored = await history.read(room.name, since)
-            if (not stored.recovered and stored.epoch == position.epoch
-                    and stored.offset < position.offset):
-                # History went back below what this node delivered (a failover lost the newest
-                # writes): those offsets would name other messages now. A new epoch, and the
-                # members are told that what follows starts over.
-                epoch = await history.restart_epoch(room.name, position.epoch, position.offset)
+            # One message back, to check that history still holds what was delivered last.
+            check = position.offset >= 1 and bool(position.last)
+            stored = await history.read(
+                room.name, Since(position.offset - 1, position.epoch) if check else since)
+            diverged = False
+            if check and stored.recovered and stored.offset >= position.offset:
+                diverged = stored.messages[0] != position.last
+                stored = replace(stored, messages=stored.messages[1:])
+            if diverged or (stored.epoch == position.epoch and stored.offset < position.offset):
+                # History went back below what this node delivered, or holds another message
+                # where it delivered one (a failover lost the newest writes; a deposed master
+                # ran a late publish): those offsets name other messages now. A new epoch, and
+                # the members are told that what follows starts over.
+                epoch = await history.restart_epoch(room.name, position.epoch, position.offset,
+                                                    force=diverged)
                 log.error("room history went back below what was delivered; new epoch",
                           room=room.name, delivered=position.offset, stored=stored.offset,
-                          epoch=epoch)
+                          diverged=diverged, epoch=epoch)
                 lost = Position(0, epoch)
                 rolled_back = True
             elif stored.recovered:
