@@ -184,6 +184,13 @@ class Config:
     )
     handshake_burst: int = _opt(20, "Handshakes one address may make at once (the bucket "
                                 "size of --handshake-rate).")
+    presence_diff_above: int = _opt(
+        100, "Members on a node above which a room's user_joined/user_left go to them as one "
+        "presence_diff per --presence-diff-interval (0: always single events)."
+    )
+    presence_diff_interval: float = _opt(
+        0.2, "Seconds a large room's presence events are gathered into one presence_diff."
+    )
     typing_interval: float = _opt(
         1.0, "Seconds between two typing events relayed for one connection and room; typing "
         "frames in between are dropped, not counted as flooding."
@@ -287,13 +294,14 @@ class Config:
             ("api_max_body", self.api_max_body >= 1024, "must be at least 1024 bytes"),
             ("api_max_batch", self.api_max_batch >= 1, "must be at least 1"),
         ]
-        for name in ("max_connections", "max_connections_per_address",
+        for name in ("max_connections", "max_connections_per_address", "presence_diff_above",
                      "max_connections_per_user"):
             rules.append((name, getattr(self, name) >= 0, "must be 0 (no limit) or more"))
         # NaN passes every comparison's negation, so finiteness is checked first.
         positive = ("rate_limit", "node_lease_ttl", "redis_timeout", "redis_connect_timeout",
-                    "redis_retry_max", "close_timeout", "idle_room_ttl", "auth_timeout",
-                    "api_rate", "api_timeout", "idempotency_window")
+                    "presence_diff_interval", "redis_retry_max", "close_timeout",
+                    "idle_room_ttl", "auth_timeout", "api_rate", "api_timeout",
+                    "idempotency_window")
         non_negative = ("ping_interval", "ping_timeout", "unsubscribe_linger",
                         "presence_grace", "history_ttl", "drain_delay", "drain_window",
                         "jwt_leeway", "refresh_grace", "handshake_rate", "typing_interval")

@@ -332,6 +332,20 @@ test("user events and typing reach the room's handlers", async () => {
   rc.disconnect();
 });
 
+test("a presence_diff reaches the handlers as one join or leave per user", async () => {
+  const { rc, ws, room } = await joined("r", 0);
+  const joins = collect(room, "join");
+  const leaves = collect(room, "leave");
+  ws.receive({ type: "presence_diff", room: "r",
+    joins: [{ user_id: "u2", username: "Bob", ts: 1 }, { user_id: "u3", username: "Cy", ts: 2 }],
+    leaves: [{ user_id: "u4", username: "Di", ts: 3 }] });
+  await until(() => leaves.length, "leave");
+  assert.deepEqual(joins.map((e) => [e.type, e.room, e.user_id]),
+    [["user_joined", "r", "u2"], ["user_joined", "r", "u3"]]);
+  assert.deepEqual(leaves.map((e) => [e.type, e.user_id]), [["user_left", "u4"]]);
+  rc.disconnect();
+});
+
 test("typing() sends at most one frame per typingInterval, the last call at its end", async () => {
   const { rc, ws, room } = await joined("r", 0, { typingInterval: 40 });
   assert.equal(room.typing(), true);

@@ -271,6 +271,11 @@ class _LeaseKeeper:
             pipe.execute()
 
 
+def entry_lock(room: str, conn_id: str) -> str:
+    """The name of the lock of one presence entry (room names hold no spaces)."""
+    return f"{room} {conn_id}"
+
+
 class _Locks:
     """One asyncio lock per name (a room, a user), dropped again when nobody holds or waits for
     it."""
@@ -317,7 +322,10 @@ class RedisPresence:
         self._pending_removals: list[tuple[str, Member, int]] = []
         #: Serializes this node's writes per room: the room's entries and this node's rooms set
         #: change in separate calls, which must not interleave with another add/remove here.
-        self._room_locks = _Locks()
+        #: One lock per entry (room, connection): its write, its removal and its rewrite after
+        #: Redis lost it never interleave, while joins of many connections to one room run at
+        #: once (a room-wide lock made a join storm one join per two round trips).
+        self._entry_locks = _Locks()
         #: This node's open connections, user_id -> conn_ids, as counted in the users'
         #: connections hashes (written back after a lease loss, removed on shutdown).
         self._user_conns: dict[str, set[str]] = {}
@@ -435,15 +443,17 @@ class RedisPresence:
                        ) -> None:
         """Write this node's entries in ``room`` (of ``user_id`` only, if given) where Redis
         lost them; with ``report``, each user that Redis counts again goes to on_user_back."""
-        async with self._room_locks.hold(room):
-            back: list[Member] = []
-            for member in list(self._local.get(room, {}).values()):
-                if user_id is not None and member.user_id != user_id:
-                    continue
-                if await self._write_entry(room, member):
+        back: list[Member] = []
+        for member in list(self._local.get(room, {}).values()):
+            if user_id is not None and member.user_id != user_id:
+                continue
+            async with self._entry_locks.hold(entry_lock(room, member.conn_id)):
+                # Not if it was removed meanwhile: it must not come back after its removal.
+                if member.conn_id in self._local.get(room, {}) and await self._write_entry(
+                        room, member):
                     back.append(member)
-            if room in self._local:
-                self._touched[room] = clock.monotonic()
+        if room in self._local:
+            self._touched[room] = clock.monotonic()
         for member in back:
             log.info("user back in presence", room=room, user_id=member.user_id)
             if report and self._on_user_back is not None and not self._closed:
@@ -601,15 +611,15 @@ class RedisPresence:
 
     @unavailable_on_redis_error
     async def add(self, room: str, member: Member) -> bool:
-        async with self._room_locks.hold(room):
+        async with self._entry_locks.hold(entry_lock(room, member.conn_id)):
             fresh = await self._write_entry(room, member)
             self._local.setdefault(room, {})[member.conn_id] = member
             self._touched.setdefault(room, clock.monotonic())
         return fresh
 
     async def _write_entry(self, room: str, member: Member) -> bool:
-        """Write one of this node's entries; True when its user was not present. Under the
-        room's lock."""
+        """Write one of this node's entries; True when its user was not present. Under its
+        entry lock."""
         k = self._keys
         # The room joins this node's rooms set before the entry exists, so that whoever reaps
         # this node finds it (if we die right here, a reaper visits a room with nothing of ours:
@@ -648,7 +658,7 @@ class RedisPresence:
             self._touched.pop(room, None)
 
     async def _remove(self, room: str, member: Member, deadline_ms: int) -> None:
-        async with self._room_locks.hold(room):
+        async with self._entry_locks.hold(entry_lock(room, member.conn_id)):
             # Forgotten under the lock, so that a re-registration cannot write it back after
             # this removal.
             self._forget(room, member.conn_id)

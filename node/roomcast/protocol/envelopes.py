@@ -428,6 +428,13 @@ def event(kind: str, room: str, **fields: Any) -> bytes:
     return orjson.dumps({"type": kind, "room": room, **fields})
 
 
+def presence_diff(room: str, joins: list[dict[str, Any]], leaves: list[dict[str, Any]]) -> bytes:
+    """The users who joined and who left a large room in the last interval (service/diffs.py);
+    each entry has the fields of its user_joined/user_left but ``type`` and ``room``."""
+    return orjson.dumps({"type": "presence_diff", "room": room, "joins": joins,
+                         "leaves": leaves})
+
+
 def gap(room: str, offset: int, epoch: str) -> bytes:
     """Messages of the room before ``offset + 1`` (in ``epoch``) may never reach this member:
     the node lost them and history no longer has them. What follows continues from there."""

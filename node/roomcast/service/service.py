@@ -36,7 +36,7 @@ from roomcast.protocol import envelopes
 from roomcast.protocol.closecodes import CloseCode
 from roomcast.protocol.dialects import NATIVE, clean_nick
 from roomcast.protocol.envelopes import ErrorCode, ProtocolError, Since
-from roomcast.service import recovery
+from roomcast.service import diffs, recovery
 from roomcast.service.auth import TokenError, request_error
 from roomcast.service.connection import Connection
 from roomcast.service.permissions import Permissions
@@ -99,6 +99,9 @@ class Service:
         #: at most --max-rooms-per-connection rooms per connection, dropped with it.
         self._typed: dict[str, dict[str, float]] = {}
         rooms.on_gap = self._gap
+        #: Large rooms' presence events, coalesced (--presence-diff-above, service/diffs.py).
+        self.diffs = diffs.PresenceDiffs(rooms, config.presence_diff_above,
+                                         config.presence_diff_interval)
 
     # --- lifecycle ---------------------------------------------------------------------------
 
@@ -134,15 +137,16 @@ class Service:
     def _deliver(self, publication: Publication) -> None:
         """The broker's callback: every publication goes to the room's local members, but for
         the presence events this node knows to be wrong here (``_presence_event``)."""
-        if (publication.offset == 0 and publication.payload.startswith(_USER_EVENT)
-                and not self._presence_event(publication)):
-            return
+        if publication.offset == 0 and publication.payload.startswith(_USER_EVENT):
+            event = diffs.decode(publication.payload)
+            if not self._presence_event(publication, event) or self.diffs.take(
+                    publication, event):
+                return
         self.rooms.deliver(publication)
 
-    def _presence_event(self, publication: Publication) -> bool:
+    def _presence_event(self, publication: Publication, event: dict[str, Any]) -> bool:
         """False for a user_joined/user_left this node's members must not see: a user_left about
         a user connected here (its repair starts), or this node's own re-announcement."""
-        event = orjson.loads(publication.payload)
         key = (publication.room, str(event.get("user_id", "")))
         if event.get("type") == "user_joined" and publication.origin == self._rejoin_origin:
             self._rejoining.discard(key)  # Every member elsewhere has it now, after the leave.

@@ -103,7 +103,8 @@ class Emitter {
 
 /**
  * One room of a `Roomcast` client (from `rc.room(name)`). Events: `message` (a message
- * envelope, once each, in offset order), `join` / `leave` (`user_joined` / `user_left`),
+ * envelope, once each, in offset order), `join` / `leave` (`user_joined` / `user_left`, and
+ * one per user of a large room's `presence_diff`),
  * `typing`, `gap` (messages may be missing: reload the view), `joined` (each (re)join),
  * `left` (the server took this connection out of the room, or a rejoin was refused for good).
  */
@@ -367,6 +368,12 @@ export class Roomcast extends Emitter {
       case "typing": return room?._wanted && room._emit("typing", env);
       case "user_joined": return room?._wanted && room._emit("join", env);
       case "user_left": return room?._wanted && room._emit("leave", env);
+      case "presence_diff":
+        // A large room's presence events, gathered: the same join/leave events, one per user.
+        if (!room?._wanted) return;
+        for (const user of env.joins) room._emit("join", { type: "user_joined", room: env.room, ...user });
+        for (const user of env.leaves) room._emit("leave", { type: "user_left", room: env.room, ...user });
+        return;
       case "left":
         if (!room?._wanted) return;
         room._forget();
