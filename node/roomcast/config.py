@@ -43,7 +43,9 @@ class Config:
     port: int = _opt(8000, "TCP port to listen on; 0 picks a free one (logged on start).")
     node_id: str = _opt("", "Unique node name; default: hostname plus a random suffix.")
     redis_url: str | None = _opt(
-        None, "redis:// URL of the shared Redis; absent = embedded mode, one node on its own."
+        None, "redis:// URL of the shared Redis; absent = embedded mode, one node on its own. "
+        "Several URLs, comma-separated: client-side sharding, each room's messages and history "
+        "on one of them (jump consistent hash), presence and node state on the first."
     )
     redis_prefix: str = _opt("roomcast", "Prefix of every Redis key and channel name.")
     redis_timeout: float = _opt(
@@ -274,9 +276,11 @@ class Config:
              "must be auto, json or console"),
             ("log_level", self.log_level.lower() in LOG_LEVELS,
              "must be one of " + ", ".join(LOG_LEVELS)),
-            ("redis_url", self.redis_url is None or self.redis_url.startswith(
-                ("redis://", "rediss://", "unix://")),
-             "must start with redis://, rediss:// or unix://"),
+            ("redis_url", self.redis_url is None or all(url.startswith(
+                ("redis://", "rediss://", "unix://")) for url in self.redis_urls),
+             "must start with redis://, rediss:// or unix:// (each URL of a list)"),
+            ("redis_url", not self.redis_cluster or len(self.redis_urls) <= 1,
+             "names one seed node with --redis-cluster (a Redis Cluster shards itself)"),
             ("tutorial_room", _ROOM_RE.fullmatch(self.tutorial_room) is not None,
              "must be 1-64 characters of letters, digits and _ . : -"),
             ("auth", self.auth in ("none", "jwt"), "must be none or jwt"),
@@ -314,6 +318,13 @@ class Config:
             rules.append((name, math.isfinite(value) and value >= 0,
                           "must be a finite number, 0 or more"))
         return rules
+
+    @property
+    def redis_urls(self) -> list[str]:
+        """The Redis URLs of --redis-url: one, or the shards of client-side sharding."""
+        if self.redis_url is None:
+            return []
+        return [url.strip() for url in self.redis_url.split(",") if url.strip()]
 
     @property
     def clustered(self) -> bool:

@@ -55,13 +55,22 @@ def build(config: Config, namespaces: Namespaces | None = None) -> Backends:
     # pub/sub reader and the health probe have small pools of their own, so that neither waits
     # behind a burst of commands.
     client: Any = connect_cluster if config.redis_cluster else connect
-    redis = client(config, health=health)
-    pubsub = client(config, retries=0, role="pubsub", pool_size=2)
-    probe = client(config, retries=0, role="health", pool_size=2)
+    # Client-side sharding (several URLs): the same three clients per shard; the first
+    # shard's also serve presence and node state.
+    shards = [
+        (client(config, health=health, **url), client(config, retries=0, role="pubsub",
+                                                      pool_size=2, **url),
+         client(config, retries=0, role="health", pool_size=2, **url))
+        for url in ([{}] if config.redis_cluster else
+                    [{"url": u} for u in config.redis_urls])
+    ]
+    redis, pubsub, probe = shards[0]
+    sharded = shards if len(shards) > 1 else None
     return Backends(
         RedisBroker(redis, keys, config, pubsub_client=pubsub, probe_client=probe,
-                    health=health, retention=retention),
-        RedisHistory(redis, keys, config.idle_room_ttl),
+                    health=health, retention=retention, shards=sharded),
+        RedisHistory(redis, keys, config.idle_room_ttl,
+                     shards=[commands for commands, _, _ in shards] if sharded else None),
         RedisPresence(redis, keys, config.node_id, config.presence_grace,
                       config.node_lease_ttl, room_ttl=config.idle_room_ttl),
     )

@@ -42,7 +42,7 @@ from roomcast.backends.broker import (
     idempotency_window_ms,
 )
 from roomcast.backends.history import Retention, new_epoch
-from roomcast.backends.keys import Keys
+from roomcast.backends.keys import Keys, shard
 from roomcast.backends.redis_common import (
     RedisHealth,
     as_str,
@@ -149,6 +149,7 @@ class RedisBroker:
         probe_client: aioredis.Redis | None = None,
         health: RedisHealth | None = None,
         retention: Retention | None = None,
+        shards: list[tuple[aioredis.Redis, aioredis.Redis, aioredis.Redis]] | None = None,
     ) -> None:
         self._redis = redis
         # The reader's own client (see redis_common.connect): a lost pub/sub connection must
@@ -157,6 +158,9 @@ class RedisBroker:
         # The probe's own client: a command pool busy with a burst must not delay the probe
         # (readiness would then report the node's own queue, not Redis).
         self._probe_client = probe_client or redis
+        #: Client-side sharding (several --redis-url): each shard's (commands, pub/sub, probe)
+        #: clients; the first shard's are the ones above. One Redis: just those.
+        self._shards = shards or [(redis, self._pubsub_client, self._probe_client)]
         self._keys = keys
         self._node_id = config.node_id
         #: What this node knows of its Redis (readiness, error counts): backends.health_of.
@@ -167,8 +171,9 @@ class RedisBroker:
         self._subscribe_timeout = config.redis_timeout
         self._backoff_cap = config.redis_retry_max
         self._publish_script = redis.register_script(load_script("publish"))
-        self._queue: list[_Queued] = []
-        self._sender: asyncio.Task[None] | None = None
+        #: Publishes waiting, and the task sending them, per shard (one, but with sharding).
+        self._queues: dict[int, list[_Queued]] = {}
+        self._senders: dict[int, asyncio.Task[None]] = {}
         #: Partitioned channels and sharded pub/sub (--redis-cluster): see keys.Keys.
         self._sharded = keys.partitions > 0
         self._rooms: set[str] = set()
@@ -216,14 +221,15 @@ class RedisBroker:
         return True
 
     async def close(self) -> None:
-        for task in (self._reader, self._prober, self._limit_check, self._sender):
+        for task in (self._reader, self._prober, self._limit_check, *self._senders.values()):
             if task is not None:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
-        self._reader = self._prober = self._limit_check = self._sender = None
+        self._reader = self._prober = self._limit_check = None
+        self._senders.clear()
         self._connected.clear()
-        clients = (self._redis, self._pubsub_client, self._probe_client)
+        clients = [client for shard in self._shards for client in shard]
         for client in {id(client): client for client in clients}.values():
             with contextlib.suppress(RedisError, OSError):
                 await client.aclose()
@@ -280,7 +286,7 @@ class RedisBroker:
         to the master of the channel's slot. A slot whose master has no connection here means
         the cluster's topology changed: every connection starts over (and the node refills)."""
         if not self._sharded:
-            return self._subs[""]
+            return self._subs[str(self._shard(self._keys.room_of_channel(channel)))]
         node = self._pubsub_client.get_node_from_key(channel)  # type: ignore[attr-defined]
         sub = self._subs.get(node.name) if node is not None else None
         if sub is None:
@@ -350,12 +356,20 @@ class RedisBroker:
         self._resubscribed = (rooms, resubscribed)
         self._awaiting = 1 + len(channels)
         if not self._sharded:
-            pool = self._pubsub_client.connection_pool
-            connection = pool.make_connection()  # type: ignore[no-untyped-call]  # unannotated in redis-py
-            sub = await Subscription.open(connection, self._message, self._confirmed)
-            self._subs = {"": sub}
-            # A control channel keeps the connection in subscribed mode with no rooms.
-            sub.subscribe(self._keys.control(), *channels)
+            # One connection per Redis (one, or each shard's); the control channel, which
+            # also keeps a connection in subscribed mode with no rooms, on the first.
+            for number, (_, pubsub, _) in enumerate(self._shards):
+                pool = pubsub.connection_pool
+                connection = pool.make_connection()  # type: ignore[no-untyped-call]  # unannotated in redis-py
+                self._subs[str(number)] = await Subscription.open(
+                    connection, self._message, self._confirmed)
+            by_shard: dict[str, list[str]] = {}
+            for channel in channels:
+                by_shard.setdefault(
+                    str(self._shard(self._keys.room_of_channel(channel))), []).append(channel)
+            self._subs["0"].subscribe(self._keys.control(), *by_shard.pop("0", []))
+            for name, shard_channels in by_shard.items():
+                self._subs[name].subscribe(*shard_channels)
             return
         cluster: Any = self._pubsub_client
         # The topology now: after a failover, the promoted replicas are the masters.
@@ -441,7 +455,8 @@ class RedisBroker:
         key = self._keys.probe(self._node_id)
         while True:
             try:
-                await self._probe_client.set(key, clock.now_ms(), px=PROBE_TTL_MS)
+                for _, _, probe in self._shards:  # Every shard must take writes.
+                    await probe.set(key, clock.now_ms(), px=PROBE_TTL_MS)
             except (RedisError, OSError) as exc:
                 self.health.probed(exc)
             except Exception:
@@ -518,7 +533,7 @@ class RedisBroker:
         # Nothing awaited before this line: publishes enter the queue in the order they were
         # called, which is the order Redis runs them (one pipeline at a time, in order), so one
         # connection's publishes keep their order however many are in flight.
-        offset, epoch, duplicate = await self._enqueue(keys, args)
+        offset, epoch, duplicate = await self._enqueue(keys, args, self._shard(room))
         offset, epoch = int(offset), as_str(epoch)
         if duplicate:
             return Publication(room, b"", offset, epoch, origin, 0, duplicate=True)
@@ -529,25 +544,33 @@ class RedisBroker:
         channel, which carries several (parse_frame)."""
         return f"{origin} {room}" if self._sharded else origin
 
-    def _enqueue(self, keys: list[str], args: list[bytes | str | int]) -> asyncio.Future[Any]:
-        """Queue one run of lua/publish.lua; its future gets the script's reply."""
+    def _shard(self, room: str) -> int:
+        """The index of the room's shard (0 without client-side sharding)."""
+        return shard(room, len(self._shards)) if len(self._shards) > 1 else 0
+
+    def _enqueue(self, keys: list[str], args: list[bytes | str | int],
+                 index: int = 0) -> asyncio.Future[Any]:
+        """Queue one run of lua/publish.lua on shard ``index``; its future gets the reply."""
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self._queue.append((keys, args, future))
-        if self._sender is None or self._sender.done():
-            self._sender = asyncio.create_task(self._send_publishes(), name="redis-publisher")
+        self._queues.setdefault(index, []).append((keys, args, future))
+        sender = self._senders.get(index)
+        if sender is None or sender.done():
+            self._senders[index] = asyncio.create_task(
+                self._send_publishes(index), name="redis-publisher")
         return future
 
-    async def _send_publishes(self) -> None:
-        """Send the queued publishes, PUBLISH_BATCH at most per pipeline (one round trip), one
-        pipeline at a time: while one is in flight the next batch gathers. A failed pipeline
-        fails each of its publishes (the caller answers 'unavailable'; with an idempotency key
-        a retry is safe), never a later one."""
-        queue = self._queue
+    async def _send_publishes(self, index: int) -> None:
+        """Send shard ``index``'s queued publishes, PUBLISH_BATCH at most per pipeline (one
+        round trip), one pipeline at a time: while one is in flight the next batch gathers. A
+        failed pipeline fails each of its publishes (the caller answers 'unavailable'; with an
+        idempotency key a retry is safe), never a later one."""
+        queue = self._queues[index]
+        client = self._shards[index][0]
         while queue:
             batch = queue[:PUBLISH_BATCH]
             del queue[:PUBLISH_BATCH]
             try:
-                replies = await self._run(batch)
+                replies = await self._run(batch, client)
             except asyncio.CancelledError:
                 for _, _, future in batch + queue:
                     if not future.done():
@@ -566,23 +589,23 @@ class RedisBroker:
                 else:
                     future.set_result(reply)
 
-    async def _run(self, batch: list[_Queued]) -> list[Any]:
+    async def _run(self, batch: list[_Queued], client: Any) -> list[Any]:
         """Run a batch of publish.lua calls in one pipeline; each reply or its error."""
         script = self._publish_script
-        replies = await self._pipeline(script.sha, batch)
+        replies = await self._pipeline(script.sha, batch, client)
         missing = [i for i, reply in enumerate(replies) if isinstance(reply, NoScriptError)]
         if missing:
             # Redis lost its scripts (a restart, SCRIPT FLUSH): a NOSCRIPT ran nothing, and
             # every later call of the batch failed the same way, so the failed ones are run
             # again, still in order.
-            await self._redis.script_load(script.script)
-            again = await self._pipeline(script.sha, [batch[i] for i in missing])
+            await client.script_load(script.script)
+            again = await self._pipeline(script.sha, [batch[i] for i in missing], client)
             for i, reply in zip(missing, again, strict=True):
                 replies[i] = reply
         return replies
 
-    async def _pipeline(self, sha: str, batch: list[_Queued]) -> list[Any]:
-        pipe = self._redis.pipeline(transaction=False)
+    async def _pipeline(self, sha: str, batch: list[_Queued], client: Any) -> list[Any]:
+        pipe = client.pipeline(transaction=False)
         for keys, args, _ in batch:
             # execute_command, not evalsha: a Redis Cluster pipeline refuses the helper, and
             # routes EVALSHA by its keys (all in the room's slot) like any other command.
@@ -602,7 +625,8 @@ class RedisBroker:
         if self._sharded:
             await self._redis.spublish(channel, event_frame(payload, origin, room))
         else:
-            await self._redis.publish(channel, event_frame(payload, origin))
+            client = self._shards[self._shard(room)][0]
+            await client.publish(channel, event_frame(payload, origin))
 
     @unavailable_on_redis_error
     async def publish_control(self, payload: bytes) -> None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import redis.asyncio as aioredis
 
 from roomcast.backends.history import HistoryResult, new_epoch, recovery_result
-from roomcast.backends.keys import Keys
+from roomcast.backends.keys import Keys, shard
 from roomcast.backends.redis_common import as_str, load_script, unavailable_on_redis_error
 from roomcast.protocol.envelopes import Since
 
@@ -19,17 +19,25 @@ class RedisHistory:
     """Reads history that lua/publish.lua writes (and keeps for --history-ttl). A room only read,
     never published to, keeps its meta key (its epoch) for ``idle_ttl`` after each read."""
 
-    def __init__(self, redis: aioredis.Redis, keys: Keys, idle_ttl: float = 300.0) -> None:
-        self._redis = redis
+    def __init__(self, redis: aioredis.Redis, keys: Keys, idle_ttl: float = 300.0,
+                 shards: list[aioredis.Redis] | None = None) -> None:
+        #: One client, or each shard's (client-side sharding: a room's history is on its
+        #: shard, keys.shard).
+        self._clients = shards or [redis]
         self._keys = keys
         self._idle_ttl_ms = max(1, int(idle_ttl * 1000))
-        self._script = redis.register_script(load_script("history"))
-        self._restart = redis.register_script(load_script("restart_epoch"))
+        self._scripts = [client.register_script(load_script("history"))
+                         for client in self._clients]
+        self._restarts = [client.register_script(load_script("restart_epoch"))
+                          for client in self._clients]
+
+    def _shard(self, room: str) -> int:
+        return shard(room, len(self._clients)) if len(self._clients) > 1 else 0
 
     @unavailable_on_redis_error
     async def restart_epoch(self, room: str, epoch: str, delivered: int,
                             force: bool = False) -> str:
-        reply = await self._restart(
+        reply = await self._restarts[self._shard(room)](
             keys=[self._keys.meta(room), self._keys.stream(room)],
             args=[epoch, delivered, new_epoch(), int(force)])
         return as_str(reply)
@@ -39,7 +47,7 @@ class RedisHistory:
         self, room: str, since: Since | None = None, limit: int | None = None
     ) -> HistoryResult:
         start = "-" if since is None else str(since.offset + 1)
-        reply = await self._script(
+        reply = await self._scripts[self._shard(room)](
             keys=[self._keys.meta(room), self._keys.stream(room)], args=[start, limit or 0],
         )
         offset, epoch, first_offset = int(reply[0]), as_str(reply[1]), int(reply[2])
@@ -51,7 +59,7 @@ class RedisHistory:
 
     async def _keep_idle(self, room: str) -> str:
         meta = self._keys.meta(room)
-        async with self._redis.pipeline(transaction=True) as pipe:
+        async with self._clients[self._shard(room)].pipeline(transaction=True) as pipe:
             pipe.hsetnx(meta, "epoch", new_epoch())
             pipe.pexpire(meta, self._idle_ttl_ms)
             pipe.hget(meta, "epoch")

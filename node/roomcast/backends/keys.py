@@ -15,6 +15,10 @@ With --redis-cluster (``Keys.partitions`` N > 0) the tag is the room's partition
 channel is the partition's, ``ch:{p17}``, for SPUBLISH/SSUBSCRIBE. The slots column then
 reads "the room's partition's".
 
+Client-side sharding (several --redis-url): the names stay as above; a room's ``ch``, ``meta``,
+``hist`` and ``idem`` live on the Redis of its shard (``shard``), everything else (presence,
+node state, the control channel) on the first.
+
 Expiry (presence_redis.py): every presence key of a room (``pres``, ``presnodes``, ``users``,
 ``nicks``, ``leaves``, ``leavenames``) and each ``noderooms`` set carry a TTL (--idle-room-ttl,
 with a floor) that the nodes with entries there refresh; ``node:<node>`` lives two leases. Only
@@ -57,6 +61,19 @@ def partition(room: str, partitions: int) -> int:
     """The room's partition, 0 .. partitions-1: CRC-32 of its name, the same in every process
     and release (never Python's salted ``hash``), so every node agrees."""
     return zlib.crc32(room.encode()) % partitions
+
+
+def shard(room: str, shards: int) -> int:
+    """The room's shard, 0 .. shards-1, for client-side sharding over several Redis URLs: jump
+    consistent hash (Lamping and Veach, 2014) of a 64-bit digest of its name. Adding an N+1-th
+    shard moves only about 1/(N+1) of the rooms, each to the new shard."""
+    key = int.from_bytes(hashlib.blake2b(room.encode(), digest_size=8).digest(), "big")
+    b, j = -1, 0
+    while j < shards:
+        b = j
+        key = (key * 2862933555777941757 + 1) & 0xFFFFFFFFFFFFFFFF
+        j = int((b + 1) * ((1 << 31) / ((key >> 33) + 1)))
+    return b
 
 
 @dataclass(frozen=True, slots=True)

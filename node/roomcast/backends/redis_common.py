@@ -271,7 +271,7 @@ def connect_cluster(
 
 def connect(
     config: Config, retries: int = 1, role: str = "commands", pool_size: int | None = None,
-    health: RedisHealth | None = None,
+    health: RedisHealth | None = None, url: str | None = None,
 ) -> aioredis.Redis:
     """A client of the node's Redis with its own bounded connection pool.
 
@@ -285,10 +285,11 @@ def connect(
     pub/sub connection silently and resubscribe, and whatever was published in between would
     never be refilled (recovery.py). Connections are named ``roomcast:<node_id>:<role>``
     (CLIENT LIST shows whose they are). With ``health``, every failed command is reported there.
+    ``url`` is one shard's of several (client-side sharding); default: the one --redis-url.
     """
     assert config.redis_url is not None
     pool = aioredis.BlockingConnectionPool.from_url(
-        config.redis_url,
+        url or config.redis_urls[0],
         max_connections=pool_size or config.redis_pool_size,
         timeout=config.redis_timeout,
         socket_connect_timeout=config.redis_connect_timeout,
