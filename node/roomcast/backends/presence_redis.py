@@ -326,6 +326,8 @@ class RedisPresence:
         #: Redis lost it never interleave, while joins of many connections to one room run at
         #: once (a room-wide lock made a join storm one join per two round trips).
         self._entry_locks = _Locks()
+        #: room -> entries being written now (_write_entry), for _remove's last-entry case.
+        self._registering: dict[str, int] = {}
         #: This node's open connections, user_id -> conn_ids, as counted in the users'
         #: connections hashes (written back after a lease loss, removed on shutdown).
         self._user_conns: dict[str, set[str]] = {}
@@ -623,18 +625,31 @@ class RedisPresence:
         k = self._keys
         # The room joins this node's rooms set before the entry exists, so that whoever reaps
         # this node finds it (if we die right here, a reaper visits a room with nothing of ours:
-        # harmless). The set gets the room keys' TTL (the lease thread refreshes it).
-        async with self._redis.pipeline(transaction=True) as pipe:
-            pipe.sadd(k.node_rooms(self._node_id), room)
-            pipe.pexpire(k.node_rooms(self._node_id), self._key_ttl_ms)
-            await pipe.execute()
-        fresh = await self._scripts["presence_add"](
-            keys=[k.presence(room, self._node_id), k.presence_nodes(room), k.users(room),
-                  k.leaves(room), k.leave_names(room)],
-            args=[self._node_id, member.conn_id, orjson.dumps(member.to_dict()),
-                  member.user_id, self._key_ttl_ms],
-        )
+        # harmless). The set gets the room keys' TTL (the lease thread refreshes it). Counted
+        # in _registering meanwhile: a removal of the room's last entry, which takes the room
+        # out of the set, puts it back when it sees one under way (_remove).
+        self._registering[room] = self._registering.get(room, 0) + 1
+        try:
+            await self._register_room(room)
+            fresh = await self._scripts["presence_add"](
+                keys=[k.presence(room, self._node_id), k.presence_nodes(room), k.users(room),
+                      k.leaves(room), k.leave_names(room)],
+                args=[self._node_id, member.conn_id, orjson.dumps(member.to_dict()),
+                      member.user_id, self._key_ttl_ms],
+            )
+        finally:
+            left = self._registering.pop(room) - 1
+            if left:
+                self._registering[room] = left
         return bool(fresh)
+
+    async def _register_room(self, room: str) -> None:
+        """Put ``room`` in this node's rooms set (with the room keys' TTL)."""
+        key = self._keys.node_rooms(self._node_id)
+        async with self._redis.pipeline(transaction=True) as pipe:
+            pipe.sadd(key, room)
+            pipe.pexpire(key, self._key_ttl_ms)
+            await pipe.execute()
 
     @unavailable_on_redis_error
     async def restore(self, room: str, user_id: str) -> None:
@@ -674,8 +689,11 @@ class RedisPresence:
             if int(empty):
                 # Last: until the room is out of this node's rooms set, a reaper of this node
                 # would still visit it (and index its leaves, should we die before the line
-                # above). The room lock keeps an add here from slipping in between.
+                # above). An add of another entry may have registered the room meanwhile (its
+                # entry lock is not this one's): then the room goes back into the set.
                 await self._redis.srem(self._keys.node_rooms(self._node_id), room)
+                if room in self._local or self._registering.get(room):
+                    await self._register_room(room)
 
     async def _alive_nodes(self) -> set[str]:
         alive = await self._redis.zrangebyscore(self._keys.nodes(), clock.now_ms(), "+inf")
