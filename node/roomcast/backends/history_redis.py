@@ -47,21 +47,11 @@ class RedisHistory:
         self, room: str, since: Since | None = None, limit: int | None = None
     ) -> HistoryResult:
         start = "-" if since is None else str(since.offset + 1)
+        # A room never published to (or whose history was lost) gets an epoch in the same
+        # script, kept for --idle-room-ttl, so that a position read now can be continued.
         reply = await self._scripts[self._shard(room)](
-            keys=[self._keys.meta(room), self._keys.stream(room)], args=[start, limit or 0],
+            keys=[self._keys.meta(room), self._keys.stream(room)],
+            args=[start, limit or 0, new_epoch(), self._idle_ttl_ms],
         )
         offset, epoch, first_offset = int(reply[0]), as_str(reply[1]), int(reply[2])
-        if offset == 0:
-            # The room has never been published to (or its history was lost): give it an epoch
-            # now so that a client can recover from this position later, for --idle-room-ttl.
-            epoch = await self._keep_idle(room)
         return recovery_result(offset, epoch, first_offset, list(reply[3:]), since)
-
-    async def _keep_idle(self, room: str) -> str:
-        meta = self._keys.meta(room)
-        async with self._clients[self._shard(room)].pipeline(transaction=True) as pipe:
-            pipe.hsetnx(meta, "epoch", new_epoch())
-            pipe.pexpire(meta, self._idle_ttl_ms)
-            pipe.hget(meta, "epoch")
-            replies = await pipe.execute()
-        return as_str(replies[-1]) if replies[-1] else ""

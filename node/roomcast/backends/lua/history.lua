@@ -4,9 +4,20 @@
 -- KEYS[2]  history stream of the room
 -- ARGV[1]  first offset wanted (entries with offset >= it), or '-' for the newest ARGV[2]
 -- ARGV[2]  most entries to return (0 = all)
--- Returns {offset, epoch or '', first stored offset or 0, payload...}.
+-- ARGV[3]  epoch to give a room never published to (offset 0) that has none, so that a
+--          position read now can be continued later
+-- ARGV[4]  milliseconds such a room keeps its meta hash after this read (--idle-room-ttl)
+-- Returns {offset, epoch, first stored offset or 0, payload...}.
 local offset = tonumber(redis.call('HGET', KEYS[1], 'offset') or '0')
 local epoch = redis.call('HGET', KEYS[1], 'epoch') or ''
+if offset == 0 then
+  -- Never published to, or its history was lost: keep (or give) it an epoch for a while.
+  if epoch == '' then
+    epoch = ARGV[3]
+    redis.call('HSET', KEYS[1], 'epoch', epoch)
+  end
+  redis.call('PEXPIRE', KEYS[1], ARGV[4])
+end
 local limit = tonumber(ARGV[2])
 local first = redis.call('XRANGE', KEYS[2], '-', '+', 'COUNT', 1)
 local first_offset = 0
