@@ -1,21 +1,15 @@
-"""Review of issue 14 (cluster-mode speed, Redis Cluster): reproductions of the bugs found.
-
-Each test states the behaviour the product promises; the ones that fail now are marked
-``xfail(strict=True)`` with the reason, so that a fix turns them into passes (and strict makes
-the suite say so).
-"""
+"""Regressions found by the review of issue 14 (cluster-mode speed, Redis Cluster): each test
+states the behaviour the product promises, and failed before its fix."""
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
 
-import pytest
 import redis.asyncio as aioredis
 
 from roomcast.backends.broker import Publication
 from roomcast.backends.keys import Keys
-from roomcast.backends.presence_redis import RedisPresence
 from roomcast.backends.redis_common import load_script
 from tests.contract.factories import RedisBackend, member
 from tests.harness import Client, NodeProcess, RedisServer, native
@@ -25,10 +19,6 @@ def fastapi_url(node: NodeProcess, room: str, user_id: str, username: str) -> st
     return node.ws(f"/ws/chat/{room}?user_id={user_id}&username={username}")
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "service/diffs.py: above --presence-diff-above members the events become one "
-    "presence_diff, which dialects.encode_fastapi/encode_tutorial do not show (None): "
-    "compatibility clients of a large room never hear of a join or a leave again"))
 async def test_fastapi_client_in_a_large_room_still_sees_who_joins(
     start_node: Callable[..., NodeProcess],
 ) -> None:
@@ -48,10 +38,6 @@ async def test_fastapi_client_in_a_large_room_still_sees_who_joins(
     assert joined["room_id"] == "big"
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "transports/writer.py SessionFanout.settle hands a member its outboxes one room after "
-    "the other in the order the outboxes were opened, not in the order the messages were "
-    "delivered: a publisher's message to room a overtakes its earlier one to room b"))
 async def test_one_publishers_messages_to_two_rooms_arrive_in_publish_order(
     node: NodeProcess,
 ) -> None:
@@ -70,13 +56,6 @@ async def test_one_publishers_messages_to_two_rooms_arrive_in_publish_order(
         assert got == [data for _, data in sent], got
 
 
-# The working tree had an uncommitted fix under way when this was written (_register_room,
-# _registering): with it the test passes and is an ordinary regression test.
-@pytest.mark.xfail(not hasattr(RedisPresence, "_register_room"), strict=True, reason=(
-    "backends/presence_redis.py _remove/_write_entry: per-entry locks let an add of another "
-    "connection run between presence_remove.lua finding the node's last entry gone and the "
-    "SREM of the room from noderooms:<node>, so the room leaves the set while an entry is in "
-    "it; a reaper of this node never visits it (a ghost user, counted forever)"))
 async def test_a_rooms_set_never_misses_a_room_with_an_entry_of_its_node(
     redis_server: RedisServer,
 ) -> None:
@@ -102,11 +81,6 @@ async def test_a_rooms_set_never_misses_a_room_with_an_entry_of_its_node(
         await backend.aclose()
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "backends/broker_redis.py RedisBroker._run: after a NOSCRIPT in a batch it reruns only the "
-    "failed calls, but a later call of the same pipeline may have succeeded (another node "
-    "loaded the script meanwhile, as every node does after a Redis restart): the rerun ones "
-    "get offsets after it, and one publisher's order is broken"))
 async def test_one_callers_publishes_keep_their_order_while_scripts_are_reloaded(
     redis_server: RedisServer,
 ) -> None:

@@ -67,8 +67,9 @@ PUBSUB_IDLE_PING = 5.0
 #: pipeline's replies are a few tens of KB.
 PUBLISH_BATCH = 256
 
-#: A publish waiting in the queue: lua/publish.lua's KEYS, ARGV and the caller's future.
-_Queued = tuple[list[str], list[bytes | str | int], "asyncio.Future[Any]"]
+#: A command waiting in the queue: a run of lua/publish.lua (its KEYS and ARGV), or with KEYS
+#: None an event's (S)PUBLISH (ARGV: the command, channel and frame), and the caller's future.
+_Queued = tuple[list[str] | None, list[bytes | str | int], "asyncio.Future[Any]"]
 
 #: Seconds between two write probes. A constant: readiness should follow Redis within about a
 #: second, and one tiny SET per second and node costs Redis nothing.
@@ -548,9 +549,10 @@ class RedisBroker:
         """The index of the room's shard (0 without client-side sharding)."""
         return shard(room, len(self._shards)) if len(self._shards) > 1 else 0
 
-    def _enqueue(self, keys: list[str], args: list[bytes | str | int],
+    def _enqueue(self, keys: list[str] | None, args: list[bytes | str | int],
                  index: int = 0) -> asyncio.Future[Any]:
-        """Queue one run of lua/publish.lua on shard ``index``; its future gets the reply."""
+        """Queue one run of lua/publish.lua (or, ``keys`` None, the command ``args``) on shard
+        ``index``; its future gets the reply."""
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._queues.setdefault(index, []).append((keys, args, future))
         sender = self._senders.get(index)
@@ -593,11 +595,14 @@ class RedisBroker:
         """Run a batch of publish.lua calls in one pipeline; each reply or its error."""
         script = self._publish_script
         replies = await self._pipeline(script.sha, batch, client)
-        missing = [i for i, reply in enumerate(replies) if isinstance(reply, NoScriptError)]
+        missing = [i for i, reply in enumerate(replies) if isinstance(reply, NoScriptError)
+                   and batch[i][0] is not None]
         if missing:
-            # Redis lost its scripts (a restart, SCRIPT FLUSH): a NOSCRIPT ran nothing, and
-            # every later call of the batch failed the same way, so the failed ones are run
-            # again, still in order.
+            # Redis lost its scripts (a restart, SCRIPT FLUSH). A batch is one transaction (per
+            # slot on a Redis Cluster), inside which no other client runs: a NOSCRIPT means
+            # the script was missing for every call of it, none ran, and they are all run
+            # again, in order. (A flush between the load and the rerun fails them again:
+            # 'unavailable', nothing done.)
             await client.script_load(script.script)
             again = await self._pipeline(script.sha, [batch[i] for i in missing], client)
             for i, reply in zip(missing, again, strict=True):
@@ -605,28 +610,55 @@ class RedisBroker:
         return replies
 
     async def _pipeline(self, sha: str, batch: list[_Queued], client: Any) -> list[Any]:
-        pipe = client.pipeline(transaction=False)
+        """The batch as one MULTI/EXEC, or on a Redis Cluster one per slot, run at once (the
+        rooms of two slots have no order between them; each slot's keep theirs)."""
+        if not self._sharded:
+            return await self._transaction(sha, batch, client)
+        groups: dict[int, list[int]] = {}
+        for i, (keys, args, _) in enumerate(batch):
+            groups.setdefault(client.keyslot(keys[0] if keys is not None else args[1]),
+                              []).append(i)
+        results = await asyncio.gather(
+            *(self._transaction(sha, [batch[i] for i in indexes], client)
+              for indexes in groups.values()), return_exceptions=True)
+        replies: list[Any] = [None] * len(batch)
+        for indexes, result in zip(groups.values(), results, strict=True):
+            if isinstance(result, BaseException):
+                if isinstance(result, asyncio.CancelledError):
+                    raise result
+                result = [result] * len(indexes)
+            for i, reply in zip(indexes, result, strict=True):
+                replies[i] = reply
+        return replies
+
+    async def _transaction(self, sha: str, batch: list[_Queued], client: Any) -> list[Any]:
+        pipe = client.pipeline(transaction=True)
         for keys, args, _ in batch:
+            if keys is None:
+                pipe.execute_command(*args)  # An event: PUBLISH, or SPUBLISH (by its channel).
+                continue
             # execute_command, not evalsha: a Redis Cluster pipeline refuses the helper, and
             # routes EVALSHA by its keys (all in the room's slot) like any other command.
             pipe.execute_command("EVALSHA", sha, len(keys), *keys, *args)
         replies: list[Any] = await pipe.execute(raise_on_error=False)
-        for reply in replies:
+        for (keys, args, _), reply in zip(batch, replies, strict=True):
             if isinstance(reply, RedisError):
                 # Errors in place do not raise: report them as a failed command would be.
-                self.health.failed(reply, "EVALSHA")
+                self.health.failed(reply, "EVALSHA" if keys is not None else str(args[0]))
         return replies
 
     @unavailable_on_redis_error
     async def publish_event(self, room: str, payload: bytes, origin: str = "") -> None:
         if not self._connected.is_set():
             raise BrokerUnavailable("redis is unavailable")
+        # Through the publish queue: one pipeline with the messages around it, and in their
+        # order (a typing event after a message stays after it).
         channel = self._keys.channel(room)
         if self._sharded:
-            await self._redis.spublish(channel, event_frame(payload, origin, room))
+            await self._enqueue(None, ["SPUBLISH", channel, event_frame(payload, origin, room)])
         else:
-            client = self._shards[self._shard(room)][0]
-            await client.publish(channel, event_frame(payload, origin))
+            await self._enqueue(None, ["PUBLISH", channel, event_frame(payload, origin)],
+                                self._shard(room))
 
     @unavailable_on_redis_error
     async def publish_control(self, payload: bytes) -> None:

@@ -660,6 +660,8 @@ class WebSocketEndpoint:
         """Send the replies of the finished publishes at the head of ``inflight``, in order."""
         while inflight and inflight[0][0].done():
             task, request = inflight.pop(0)
+            if task.cancelled():  # The node is shutting down: nobody to answer.
+                continue
             exc = task.exception()
             if exc is None:
                 publication = task.result()

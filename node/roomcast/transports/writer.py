@@ -149,6 +149,12 @@ class FrameWriter:
             ws.protocol.send_text(payload)  # Through the extension (compression).
             ws.send_data()
 
+    def write_pending(self, ws: ServerConnection) -> None:
+        """Write everything fan-out holds for ``ws`` now (before its close frame)."""
+        if self.before_write_one is not None:
+            self.before_write_one(ws)
+        self.flush_one(ws)
+
     def flush_one(self, ws: ServerConnection) -> None:
         """Write what is pending for ``ws`` now (before a reply, to keep the order)."""
         frames = self._pending.pop(ws, None)
@@ -231,17 +237,21 @@ class SessionFanout:
         self._metrics = metrics
         #: id(group) -> its outbox; holding the group keeps its id unique.
         self._outbox: dict[int, _Outbox] = {}
+        #: The sequence number of the last queued message: the order across groups.
+        self._seq = 0
         writer.before_write = self.settle
         writer.before_write_one = self.settle_one
 
     def send(self, connections: Iterable[Any], payload: bytes, skip: str = "") -> int:
         if type(connections) is dict:  # A room's member group: queued once for all of them.
             box = self._outbox.get(id(connections))
+            self._seq += 1
             if box is None:
-                self._outbox[id(connections)] = _Outbox(connections, payload, skip)
+                self._outbox[id(connections)] = _Outbox(connections, payload, skip, self._seq)
                 self.writer.schedule()
             else:
                 box.entries.append((payload, skip))
+                box.seqs.append(self._seq)
             return 0  # Counted in roomcast_messages_out when settled.
         self.settle()  # A list of some members (rare): in order after what is queued.
         targets = []
@@ -274,39 +284,65 @@ class SessionFanout:
         session = getattr(ws, "session", None)
         if session is None:
             return
-        for box in self._outbox.values():
-            if session in box.group:
-                self._hand(box, session)
+        boxes = [box for box in self._outbox.values() if session in box.group]
+        if len(boxes) == 1:
+            self._hand(boxes[0], session)
+        elif boxes:
+            self._hand_merged(boxes, session)
 
     def settle(self) -> None:
-        """Hand every queued group message to its members' pending writes, in order."""
+        """Hand every queued group message to its members' pending writes, in order: a member
+        of several groups with queued messages gets them merged in the order they were sent."""
         if not self._outbox:
             return
         outbox, self._outbox = self._outbox, {}
+        shared: dict[Any, list[_Outbox]] = {}
+        if len(outbox) > 1:
+            first: dict[Any, _Outbox] = {}
+            for box in outbox.values():
+                for session in box.group:
+                    other = first.setdefault(session, box)
+                    if other is not box:
+                        shared.setdefault(session, [other]).append(box)
         for box in outbox.values():
             frames = box.frames()
             chunk = frames[0] if len(frames) == 1 else b"".join(frames)
             starts, hand = box.starts, self._hand
             for session in box.group:
+                if session in shared:
+                    continue  # Below, merged with its other groups' messages.
                 if box.skips or session in starts:
                     hand(box, session)
                 else:
                     self._queue(session, chunk, len(frames), box.entries)
+        for session, boxes in shared.items():
+            self._hand_merged(boxes, session)
+
+    def _share(self, box: _Outbox, session: Any) -> list[tuple[int, bytes, bytes]]:
+        """``session``'s entries of ``box`` from its start on, as (sequence, frame, payload),
+        skipping its own events; moves its start past them."""
+        start = box.starts.get(session, 0)
+        box.starts[session] = len(box.entries)
+        frames = box.frames()
+        conn_id = session.conn_id
+        return [(box.seqs[i], frames[i], box.entries[i][0])
+                for i in range(start, len(box.entries)) if box.entries[i][1] != conn_id]
 
     def _hand(self, box: _Outbox, session: Any) -> None:
         """Give ``session`` the entries of ``box`` from its start on (skipping its own events)
         and move its start past them."""
-        start = box.starts.get(session, 0)
-        box.starts[session] = len(box.entries)
-        entries = box.entries[start:]
-        if not entries:
-            return
-        frames = box.frames()[start:]
-        own = [f for f, (_, skip) in zip(frames, entries, strict=True)
-               if skip != session.conn_id]
-        if own:
-            self._queue(session, b"".join(own), len(own),
-                        [e for e in entries if e[1] != session.conn_id])
+        share = self._share(box, session)
+        if share:
+            self._queue(session, b"".join(f for _, f, _ in share), len(share),
+                        [(p, "") for _, _, p in share])
+
+    def _hand_merged(self, boxes: list[_Outbox], session: Any) -> None:
+        """As _hand for a member of several groups: their entries in the order sent."""
+        share = sorted((entry for box in boxes for entry in self._share(box, session)),
+                       key=lambda entry: entry[0])
+        if share:
+            self._queue(session, b"".join(f for _, f, _ in share), len(share),
+                        [(p, "") for _, _, p in share])
 
     def _queue(self, session: Any, data: bytes, count: int,
                entries: list[tuple[bytes, str]]) -> None:
@@ -330,12 +366,14 @@ class SessionFanout:
 class _Outbox:
     """The messages queued for one member group since its last settle."""
 
-    __slots__ = ("_frames", "entries", "group", "skips", "starts")
+    __slots__ = ("_frames", "entries", "group", "seqs", "skips", "starts")
 
-    def __init__(self, group: dict[Any, None], payload: bytes, skip: str) -> None:
+    def __init__(self, group: dict[Any, None], payload: bytes, skip: str, seq: int) -> None:
         self.group = group
         #: (payload, conn_id of the member it must skip, or "").
         self.entries: list[tuple[bytes, str]] = [(payload, skip)]
+        #: Each entry's sequence number (SessionFanout._seq), to merge a member's groups.
+        self.seqs: list[int] = [seq]
         #: member -> index of its first entry not yet handed to it (joined or served since).
         self.starts: dict[Any, int] = {}
         self.skips = bool(skip)
