@@ -597,12 +597,28 @@ class RedisBroker:
         replies = await self._pipeline(script.sha, batch, client)
         missing = [i for i, reply in enumerate(replies) if isinstance(reply, NoScriptError)
                    and batch[i][0] is not None]
+        if self._sharded:
+            # A Redis Cluster pipeline is no transaction: another client's SCRIPT LOAD may have
+            # run between two of its calls, so a later call of the same room may have run
+            # where an earlier one got NOSCRIPT. Running the earlier one now would put it
+            # after the later one: it stays refused ('unavailable', nothing done) instead.
+            ran_later: set[str] = set()
+            keep = []
+            for i in range(len(batch) - 1, -1, -1):
+                keys = batch[i][0]
+                if keys is None:
+                    continue
+                if isinstance(replies[i], NoScriptError):
+                    if keys[0] not in ran_later:
+                        keep.append(i)
+                elif not isinstance(replies[i], BaseException):
+                    ran_later.add(keys[0])
+            missing = sorted(keep)
         if missing:
-            # Redis lost its scripts (a restart, SCRIPT FLUSH). A batch is one transaction (per
-            # slot on a Redis Cluster), inside which no other client runs: a NOSCRIPT means
-            # the script was missing for every call of it, none ran, and they are all run
-            # again, in order. (A flush between the load and the rerun fails them again:
-            # 'unavailable', nothing done.)
+            # Redis lost its scripts (a restart, SCRIPT FLUSH). On one Redis a batch is one
+            # transaction, inside which no other client runs: a NOSCRIPT means the script was
+            # missing for every call of it, none ran, and they all run again, in order. (A
+            # flush between the load and the rerun fails them again: 'unavailable'.)
             await client.script_load(script.script)
             again = await self._pipeline(script.sha, [batch[i] for i in missing], client)
             for i, reply in zip(missing, again, strict=True):
@@ -610,29 +626,13 @@ class RedisBroker:
         return replies
 
     async def _pipeline(self, sha: str, batch: list[_Queued], client: Any) -> list[Any]:
-        """The batch as one MULTI/EXEC, or on a Redis Cluster one per slot, run at once (the
-        rooms of two slots have no order between them; each slot's keep theirs)."""
-        if not self._sharded:
-            return await self._transaction(sha, batch, client)
-        groups: dict[int, list[int]] = {}
-        for i, (keys, args, _) in enumerate(batch):
-            groups.setdefault(client.keyslot(keys[0] if keys is not None else args[1]),
-                              []).append(i)
-        results = await asyncio.gather(
-            *(self._transaction(sha, [batch[i] for i in indexes], client)
-              for indexes in groups.values()), return_exceptions=True)
-        replies: list[Any] = [None] * len(batch)
-        for indexes, result in zip(groups.values(), results, strict=True):
-            if isinstance(result, BaseException):
-                if isinstance(result, asyncio.CancelledError):
-                    raise result
-                result = [result] * len(indexes)
-            for i, reply in zip(indexes, result, strict=True):
-                replies[i] = reply
-        return replies
+        """The batch as one MULTI/EXEC on one Redis; on a Redis Cluster as one pipeline that
+        redis-py splits by node (its transactions cannot span slots), see _run for NOSCRIPT."""
+        return await self._transaction(sha, batch, client, transaction=not self._sharded)
 
-    async def _transaction(self, sha: str, batch: list[_Queued], client: Any) -> list[Any]:
-        pipe = client.pipeline(transaction=True)
+    async def _transaction(self, sha: str, batch: list[_Queued], client: Any,
+                           transaction: bool = True) -> list[Any]:
+        pipe = client.pipeline(transaction=transaction)
         for keys, args, _ in batch:
             if keys is None:
                 pipe.execute_command(*args)  # An event: PUBLISH, or SPUBLISH (by its channel).
