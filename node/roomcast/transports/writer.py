@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import struct
-import time
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
@@ -34,10 +33,6 @@ log = structlog.get_logger("roomcast.writer")
 #: the next one and shares its writes (one syscall per connection). It bounds what the
 #: coalescing adds to a message's latency.
 FLUSH_INTERVAL = 0.001
-#: A flush that wrote to many connections (a join storm: every member gets every user_joined)
-#: is followed by a pause as long as it took, so that writing takes at most about half of the
-#: node's time and what arrives meanwhile shares the next writes; never longer than this.
-MAX_FLUSH_WAIT = 0.05
 
 _TEXT_FIN = 0x81  # FIN bit + opcode 0x1 (text), RFC 6455 section 5.2.
 
@@ -71,8 +66,6 @@ class FrameWriter:
         self._scheduled = False
         self._interval = interval
         self._flushed_at = 0.0
-        #: Seconds the last flush spent writing: the next one waits at least as long.
-        self._flush_took = 0.0
         #: Called before anything is written (SessionFanout.settle): queued room-wide frames
         #: join the connections' pending lists first, so that nothing overtakes them.
         self.before_write: Callable[[], None] | None = None
@@ -121,13 +114,16 @@ class FrameWriter:
         self.frames += frames
 
     def schedule(self) -> None:
-        """Flush on the next loop turn, or, when the last flush was recent, once as much time
-        has passed since it as it took (at least FLUSH_INTERVAL, at most MAX_FLUSH_WAIT)."""
+        """Flush on the next loop turn, or FLUSH_INTERVAL after the last flush if that is later.
+
+        Under load the flushes also batch by themselves: while one writes to every member, what
+        arrives waits in the sockets and is read, and delivered, as one batch after it. (A pause
+        after each flush as long as it took was measured: it cut little CPU and doubled p99 at
+        1000 subscribers x 50 msg/s.)"""
         if not self._scheduled:
             self._scheduled = True
             loop = asyncio.get_running_loop()
-            gap = min(max(self._interval, self._flush_took), MAX_FLUSH_WAIT)
-            wait = self._flushed_at + gap - loop.time()
+            wait = self._flushed_at + self._interval - loop.time()
             if wait > 0:  # Busy: what comes in meanwhile goes out in the same writes.
                 loop.call_later(wait, self.flush)
             else:
@@ -168,10 +164,8 @@ class FrameWriter:
         if self.before_write is not None:
             self.before_write()
         pending, self._pending = self._pending, {}
-        started = time.perf_counter()
         for ws, frames in pending.items():
             self._write(ws, frames)
-        self._flush_took = time.perf_counter() - started
 
     def _write(self, ws: ServerConnection, frames: list[bytes]) -> None:
         # A close that started since the frames were queued wins: nothing may follow a close
