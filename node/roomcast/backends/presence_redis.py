@@ -614,14 +614,15 @@ class RedisPresence:
     @unavailable_on_redis_error
     async def add(self, room: str, member: Member) -> bool:
         async with self._entry_locks.hold(entry_lock(room, member.conn_id)):
-            fresh = await self._write_entry(room, member)
+            fresh = await self._write_entry(room, member, register=room not in self._local)
             self._local.setdefault(room, {})[member.conn_id] = member
             self._touched.setdefault(room, clock.monotonic())
         return fresh
 
-    async def _write_entry(self, room: str, member: Member) -> bool:
+    async def _write_entry(self, room: str, member: Member, register: bool = True) -> bool:
         """Write one of this node's entries; True when its user was not present. Under its
-        entry lock."""
+        entry lock. ``register`` False: the room is in the node's rooms set already (it has
+        entries here; a removal of the last one that races this write puts it back)."""
         k = self._keys
         # The room joins this node's rooms set before the entry exists, so that whoever reaps
         # this node finds it (if we die right here, a reaper visits a room with nothing of ours:
@@ -630,7 +631,8 @@ class RedisPresence:
         # out of the set, puts it back when it sees one under way (_remove).
         self._registering[room] = self._registering.get(room, 0) + 1
         try:
-            await self._register_room(room)
+            if register:
+                await self._register_room(room)
             fresh = await self._scripts["presence_add"](
                 keys=[k.presence(room, self._node_id), k.presence_nodes(room), k.users(room),
                       k.leaves(room), k.leave_names(room)],
