@@ -380,13 +380,7 @@ class Bench:
 
         results = await self.all_workers(60, op="results")
         await self.all_workers(30, op="close")
-        latencies: array.array[int] = array.array("q")
-        for r in results:
-            latencies.frombytes(r["latencies_us"])
-        closes: dict[str, int] = {}
-        for r in results:
-            for code, n in r["closes"].items():
-                closes[code] = closes.get(code, 0) + n
+        latencies, closes = merge_results(results)
         if closes:
             warnings.append(f"subscribers closed by the server during the run: {closes}")
         delivered = sum(r["delivered"] for r in results)
@@ -665,13 +659,7 @@ class Bench:
 
         results = await self.all_workers(60, op="results", unacked=unacked)
         await self.all_workers(30, op="close")
-        latencies: array.array[int] = array.array("q")
-        for r in results:
-            latencies.frombytes(r["latencies_us"])
-        closes: dict[str, int] = {}
-        for r in results:
-            for code, n in r["closes"].items():
-                closes[code] = closes.get(code, 0) + n
+        latencies, closes = merge_results(results)
         if closes:
             warnings.append(f"members closed by the server during the run: {closes}")
         if publisher.close_code not in (None, 1000):
@@ -780,6 +768,17 @@ class Bench:
             say(f"{target}: {state['sent']:,}/{self.args.messages:,} sent, {pub.acked:,} "
                 f"acked ({pub.acked / elapsed:,.0f}/s), {got:,} received by the members, "
                 f"{elapsed:.0f} s")
+
+
+def merge_results(results: list[dict[str, Any]]) -> tuple[array.array[int], dict[str, int]]:
+    """The load generators' latency samples (microseconds) and close codes, merged."""
+    latencies: array.array[int] = array.array("q")
+    closes: dict[str, int] = {}
+    for r in results:
+        latencies.frombytes(r["latencies_us"])
+        for code, n in r["closes"].items():
+            closes[code] = closes.get(code, 0) + n
+    return latencies, closes
 
 
 def num_kib(value: float | None) -> str:
