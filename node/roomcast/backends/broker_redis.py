@@ -44,6 +44,7 @@ from roomcast.backends.broker import (
 from roomcast.backends.history import Retention, new_epoch
 from roomcast.backends.keys import Keys, shard
 from roomcast.backends.redis_common import (
+    REDIS_FAILURES,
     RedisHealth,
     as_str,
     load_script,
@@ -232,7 +233,7 @@ class RedisBroker:
         self._connected.clear()
         clients = [client for shard in self._shards for client in shard]
         for client in {id(client): client for client in clients}.values():
-            with contextlib.suppress(RedisError, OSError):
+            with contextlib.suppress(*REDIS_FAILURES):
                 await client.aclose()
 
     # --- subscriptions ----------------------------------------------------------------------
@@ -315,7 +316,7 @@ class RedisBroker:
                     task.result()  # Raises: a connection ends only by failing.
             except asyncio.CancelledError:
                 raise
-            except (RedisError, OSError) as exc:
+            except REDIS_FAILURES as exc:
                 self.health.failed(exc, "pubsub")
                 if self._connected.is_set():
                     log.warning("redis connection lost", error=str(exc))
@@ -341,7 +342,7 @@ class RedisBroker:
                         waiter.exception()  # Mark retrieved: nobody may be waiting any more.
                 self._pending.clear()
                 for sub in subs.values():
-                    with contextlib.suppress(RedisError, OSError, RuntimeError):
+                    with contextlib.suppress(*REDIS_FAILURES, RuntimeError):
                         await sub.close()
             first = False
             # Full jitter (AWS architecture blog): spreads a cluster's reconnects to Redis.
@@ -458,7 +459,7 @@ class RedisBroker:
             try:
                 for _, _, probe in self._shards:  # Every shard must take writes.
                     await probe.set(key, clock.now_ms(), px=PROBE_TTL_MS)
-            except (RedisError, OSError) as exc:
+            except REDIS_FAILURES as exc:
                 self.health.probed(exc)
             except Exception:
                 log.error("redis probe crashed", exc_info=True)
@@ -489,7 +490,7 @@ class RedisBroker:
                      error_type=type(exc).__name__, error=str(exc),
                      recommended=PUBSUB_LIMIT_COMMAND)
             return None
-        except (RedisError, OSError):
+        except REDIS_FAILURES:
             return None  # Redis went away again: the reader checks on its next connect.
         raw = next(iter(reply.values()), b"") if isinstance(reply, dict) else b""
         limit = pubsub_limit(as_str(raw))
@@ -580,7 +581,7 @@ class RedisBroker:
                 queue.clear()
                 raise
             except Exception as exc:  # Task boundary: each publish gets the failure.
-                if not isinstance(exc, RedisError | OSError):
+                if not isinstance(exc, REDIS_FAILURES):
                     log.error("redis publisher crashed", exc_info=True)
                 replies = [exc] * len(batch)
             for (_, _, future), reply in zip(batch, replies, strict=True):

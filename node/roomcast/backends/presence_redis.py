@@ -67,7 +67,6 @@ import redis.cluster
 import structlog
 from redis.asyncio.cluster import RedisCluster as AsyncRedisCluster
 from redis.backoff import NoBackoff
-from redis.exceptions import RedisError
 from redis.retry import Retry
 
 from roomcast import clock
@@ -80,7 +79,12 @@ from roomcast.backends.presence import (
     nick_key,
     nick_owner,
 )
-from roomcast.backends.redis_common import as_str, load_script, unavailable_on_redis_error
+from roomcast.backends.redis_common import (
+    REDIS_FAILURES,
+    as_str,
+    load_script,
+    unavailable_on_redis_error,
+)
 from roomcast.config import Config
 
 log = structlog.get_logger("roomcast.presence")
@@ -234,7 +238,7 @@ class _LeaseKeeper:
                 self._hung = False
             try:
                 self.renew()
-            except (RedisError, OSError) as exc:
+            except REDIS_FAILURES as exc:
                 self._log.debug("lease renewal failed", error=str(exc))
             except Exception:
                 self._log.error("lease renewal crashed", exc_info=True)
@@ -358,7 +362,7 @@ class RedisPresence:
         self._keeper = _LeaseKeeper(
             sync_twin(self._redis, f"roomcast:{self._node_id}:lease", lease / 4), self._keys,
             self._node_id, self._lease_ms, self._key_ttl_ms, lambda: self._connections)
-        with contextlib.suppress(RedisError, OSError):
+        with contextlib.suppress(*REDIS_FAILURES):
             await asyncio.to_thread(self._keeper.renew)
         self._keeper.start()
         self._keep_beating()
@@ -391,13 +395,13 @@ class RedisPresence:
         # window (announced by a surviving node), so users who reconnect elsewhere do not flap.
         try:
             await self._reap(self._node_id, clock.now_ms() + self._grace_ms, force=True)
-        except (RedisError, OSError):
+        except REDIS_FAILURES:
             log.warning("could not remove presence entries on shutdown", exc_info=True)
         # After the reap, which deleted the lease: from then on none of these counts anyway (a
         # dead node's entries do not), so removing them only spares the users' next opens.
         try:
             await self._drop_connections()
-        except (RedisError, OSError):
+        except REDIS_FAILURES:
             log.warning("could not remove connection counts on shutdown", exc_info=True)
 
     # --- background work ---------------------------------------------------------------------
@@ -414,7 +418,7 @@ class RedisPresence:
                 await self._touch_rooms()
             except asyncio.CancelledError:
                 raise
-            except (RedisError, OSError) as exc:
+            except REDIS_FAILURES as exc:
                 log.debug("presence tick failed", error=str(exc))
             except Exception:
                 log.error("presence tick crashed", exc_info=True)
@@ -662,7 +666,7 @@ class RedisPresence:
         deadline = clock.now_ms() + self._grace_ms
         try:
             await self._remove(room, member, deadline)
-        except (RedisError, OSError):
+        except REDIS_FAILURES:
             self._pending_removals.append((room, member, deadline))
 
     def _forget(self, room: str, conn_id: str) -> None:
@@ -773,7 +777,7 @@ class RedisPresence:
                     keys=[self._keys.user_connections(user_id)],
                     args=[conn_id, self._node_id, limit, USER_CONNS_TTL_MS, *counted],
                 )
-            except (RedisError, OSError):
+            except REDIS_FAILURES:
                 # The script may have run and its reply been lost: the caller takes the
                 # connection as not counted and will not close it, so uncount it later.
                 self._pending_closes[(user_id, conn_id)] = None
@@ -793,7 +797,7 @@ class RedisPresence:
                     del self._user_conns[user_id]
             try:
                 await self._uncount(user_id, conn_id)
-            except (RedisError, OSError):
+            except REDIS_FAILURES:
                 self._pending_closes[(user_id, conn_id)] = None
 
     async def _uncount(self, user_id: str, conn_id: str) -> None:

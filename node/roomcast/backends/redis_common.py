@@ -23,6 +23,7 @@ from redis.exceptions import (
     NoScriptError,
     OutOfMemoryError,
     ReadOnlyError,
+    RedisClusterException,
     RedisError,
     ResponseError,
 )
@@ -59,6 +60,11 @@ POOL_TIMEOUT_MESSAGE = "No connection available."
 #: (Pipeline.annotate_exception).
 PIPELINE_ERROR_MARK = " of pipeline caused error: "
 
+#: What a Redis command can fail with: redis-py's errors, the OS's, and the Redis Cluster
+#: client's own (RedisClusterException, raised when no node of the cluster answers, is not a
+#: RedisError).
+REDIS_FAILURES: tuple[type[BaseException], ...] = (RedisError, RedisClusterException, OSError)
+
 P = ParamSpec("P")
 T = TypeVar("T")
 
@@ -76,7 +82,7 @@ def classify(exc: BaseException) -> str | None:
         isinstance(exc, RedisConnectionError) and str(exc) == POOL_TIMEOUT_MESSAGE
     ):
         return "pool"
-    if isinstance(exc, RedisConnectionError | OSError):
+    if isinstance(exc, RedisConnectionError | OSError | RedisClusterException):
         return "connection"
     if isinstance(exc, ResponseError):
         # A reply's code is the first word of its message unless redis-py mapped it to a
@@ -184,7 +190,7 @@ class _ObservedPipeline(Pipeline):
     async def execute(self, raise_on_error: bool = True) -> list[Any]:
         try:
             return await super().execute(raise_on_error)
-        except (RedisError, OSError) as exc:
+        except REDIS_FAILURES as exc:
             if self.health is not None:
                 self.health.failed(exc, "MULTI" if self.is_transaction else "PIPELINE")
             raise
@@ -200,7 +206,7 @@ class _ObservedRedis(aioredis.Redis):
         try:
             return await super().execute_command(  # type: ignore[no-untyped-call]  # unannotated in redis-py
                 *args, **options)
-        except (RedisError, OSError) as exc:
+        except REDIS_FAILURES as exc:
             if self.health is not None:
                 self.health.failed(exc, as_str(args[0]).upper() if args else "?")
             raise
@@ -221,7 +227,7 @@ class _ObservedClusterPipeline(ClusterPipeline):
                       allow_redirections: bool = True) -> list[Any]:
         try:
             return await super().execute(raise_on_error, allow_redirections)
-        except (RedisError, OSError) as exc:
+        except REDIS_FAILURES as exc:
             if self.health is not None:
                 self.health.failed(exc, "PIPELINE")
             raise
@@ -236,7 +242,7 @@ class _ObservedRedisCluster(RedisCluster):
     async def execute_command(self, *args: Any, **kwargs: Any) -> Any:
         try:
             return await super().execute_command(*args, **kwargs)
-        except (RedisError, OSError) as exc:
+        except REDIS_FAILURES as exc:
             if self.health is not None:
                 self.health.failed(exc, as_str(args[0]).upper() if args else "?")
             raise
@@ -314,7 +320,7 @@ def unavailable_on_redis_error(
     async def wrapper(*args: P.args, **kwargs: P.kwargs) -> T:
         try:
             return await method(*args, **kwargs)
-        except (RedisError, OSError) as exc:
+        except REDIS_FAILURES as exc:
             raise BrokerUnavailable("redis is unavailable") from exc
 
     return wrapper
