@@ -58,11 +58,10 @@ def build(config: Config, namespaces: Namespaces | None = None) -> Backends:
     # Client-side sharding (several URLs): the same three clients per shard; the first
     # shard's also serve presence and node state.
     shards = [
-        (client(config, health=health, **url), client(config, retries=0, role="pubsub",
-                                                      pool_size=2, **url),
-         client(config, retries=0, role="health", pool_size=2, **url))
-        for url in ([{}] if config.redis_cluster else
-                    [{"url": u} for u in config.redis_urls])
+        (client(config, health=health, url=url),
+         client(config, retries=0, role="pubsub", pool_size=2, url=url),
+         client(config, retries=0, role="health", pool_size=2, url=url))
+        for url in config.redis_urls  # One with --redis-cluster (its seed node).
     ]
     redis, pubsub, probe = shards[0]
     sharded = shards if len(shards) > 1 else None

@@ -548,7 +548,7 @@ class RedisBroker:
 
     def _shard(self, room: str) -> int:
         """The index of the room's shard (0 without client-side sharding)."""
-        return shard(room, len(self._shards)) if len(self._shards) > 1 else 0
+        return shard(room, len(self._shards))
 
     def _enqueue(self, keys: list[str] | None, args: list[bytes | str | int],
                  index: int = 0) -> asyncio.Future[Any]:
@@ -629,11 +629,7 @@ class RedisBroker:
     async def _pipeline(self, sha: str, batch: list[_Queued], client: Any) -> list[Any]:
         """The batch as one MULTI/EXEC on one Redis; on a Redis Cluster as one pipeline that
         redis-py splits by node (its transactions cannot span slots), see _run for NOSCRIPT."""
-        return await self._transaction(sha, batch, client, transaction=not self._sharded)
-
-    async def _transaction(self, sha: str, batch: list[_Queued], client: Any,
-                           transaction: bool = True) -> list[Any]:
-        pipe = client.pipeline(transaction=transaction)
+        pipe = client.pipeline(transaction=not self._sharded)
         for keys, args, _ in batch:
             if keys is None:
                 pipe.execute_command(*args)  # An event: PUBLISH, or SPUBLISH (by its channel).

@@ -32,7 +32,7 @@ class RedisHistory:
                           for client in self._clients]
 
     def _shard(self, room: str) -> int:
-        return shard(room, len(self._clients)) if len(self._clients) > 1 else 0
+        return shard(room, len(self._clients))
 
     @unavailable_on_redis_error
     async def restart_epoch(self, room: str, epoch: str, delivered: int,

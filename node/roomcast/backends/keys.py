@@ -67,6 +67,8 @@ def shard(room: str, shards: int) -> int:
     """The room's shard, 0 .. shards-1, for client-side sharding over several Redis URLs: jump
     consistent hash (Lamping and Veach, 2014) of a 64-bit digest of its name. Adding an N+1-th
     shard moves only about 1/(N+1) of the rooms, each to the new shard."""
+    if shards <= 1:
+        return 0  # One Redis: nothing to hash (the common case, on every publish).
     key = int.from_bytes(hashlib.blake2b(room.encode(), digest_size=8).digest(), "big")
     b, j = -1, 0
     while j < shards:

@@ -182,6 +182,12 @@ class RedisHealth:
         self._problem, self._problem_since = problem, now
 
 
+def _report(health: RedisHealth | None, exc: BaseException, args: tuple[Any, ...]) -> None:
+    """A command client's failed command, reported under its command name."""
+    if health is not None:
+        health.failed(exc, as_str(args[0]).upper() if args else "?")
+
+
 class _ObservedPipeline(Pipeline):
     """A pipeline of the command client: a failed execute is reported to its RedisHealth."""
 
@@ -207,8 +213,7 @@ class _ObservedRedis(aioredis.Redis):
             return await super().execute_command(  # type: ignore[no-untyped-call]  # unannotated in redis-py
                 *args, **options)
         except REDIS_FAILURES as exc:
-            if self.health is not None:
-                self.health.failed(exc, as_str(args[0]).upper() if args else "?")
+            _report(self.health, exc, args)
             raise
 
     def pipeline(self, transaction: bool = True, shard_hint: str | None = None) -> Pipeline:
@@ -243,8 +248,7 @@ class _ObservedRedisCluster(RedisCluster):
         try:
             return await super().execute_command(*args, **kwargs)
         except REDIS_FAILURES as exc:
-            if self.health is not None:
-                self.health.failed(exc, as_str(args[0]).upper() if args else "?")
+            _report(self.health, exc, args)
             raise
 
     def pipeline(self, transaction: Any | None = None,
@@ -254,22 +258,27 @@ class _ObservedRedisCluster(RedisCluster):
         return pipe
 
 
+def _settings(config: Config, retries: int, role: str, pool_size: int | None) -> dict[str, Any]:
+    """What every Redis client of the node is made with (see connect)."""
+    return {
+        "max_connections": pool_size or config.redis_pool_size,
+        "socket_connect_timeout": config.redis_connect_timeout,
+        "socket_timeout": config.redis_timeout,
+        "health_check_interval": HEALTH_CHECK_INTERVAL,
+        "retry": Retry(NoBackoff(), retries),
+        "client_name": f"roomcast:{config.node_id}:{role}",
+    }
+
+
 def connect_cluster(
     config: Config, retries: int = 1, role: str = "commands", pool_size: int | None = None,
-    health: RedisHealth | None = None,
+    health: RedisHealth | None = None, url: str | None = None,
 ) -> RedisCluster:
     """A Redis Cluster client (--redis-cluster) from the seed node of --redis-url, with the
     settings of ``connect``; each master gets a pool of at most ``pool_size`` connections."""
     assert config.redis_url is not None
     client = _ObservedRedisCluster.from_url(
-        config.redis_url,
-        max_connections=pool_size or config.redis_pool_size,
-        socket_connect_timeout=config.redis_connect_timeout,
-        socket_timeout=config.redis_timeout,
-        health_check_interval=HEALTH_CHECK_INTERVAL,
-        retry=Retry(NoBackoff(), retries),
-        client_name=f"roomcast:{config.node_id}:{role}",
-    )
+        url or config.redis_urls[0], **_settings(config, retries, role, pool_size))
     assert isinstance(client, _ObservedRedisCluster)
     client.health = health
     return client
@@ -295,15 +304,8 @@ def connect(
     """
     assert config.redis_url is not None
     pool = aioredis.BlockingConnectionPool.from_url(
-        url or config.redis_urls[0],
-        max_connections=pool_size or config.redis_pool_size,
-        timeout=config.redis_timeout,
-        socket_connect_timeout=config.redis_connect_timeout,
-        socket_timeout=config.redis_timeout,
-        health_check_interval=HEALTH_CHECK_INTERVAL,
-        retry=Retry(NoBackoff(), retries),
-        client_name=f"roomcast:{config.node_id}:{role}",
-    )
+        url or config.redis_urls[0], timeout=config.redis_timeout,
+        **_settings(config, retries, role, pool_size))
     client = _ObservedRedis.from_pool(pool)  # The client owns the pool: aclose() closes both.
     assert isinstance(client, _ObservedRedis)
     client.health = health
