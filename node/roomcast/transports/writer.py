@@ -132,9 +132,7 @@ class FrameWriter:
     def write_now(self, ws: ServerConnection, payload: bytes) -> None:
         """Write ``payload`` to one connection at once, after what is pending for it, so a
         reply never overtakes a publication queued before it. Does not yield."""
-        if self.before_write_one is not None:
-            self.before_write_one(ws)
-        self.flush_one(ws)
+        self.write_pending(ws)
         self.write_extended(ws, payload)
 
     def write_extended(self, ws: ServerConnection, payload: bytes) -> None:
@@ -271,7 +269,7 @@ class SessionFanout:
         """``session`` is leaving ``group``: its share of what is queued goes to it now."""
         box = self._outbox.get(id(group))
         if box is not None:
-            self._hand(box, session)
+            self._hand([box], session)
 
     def settle_one(self, ws: ServerConnection) -> None:
         """Before a reply to ``ws``: its share of every outbox goes into its pending writes."""
@@ -279,10 +277,8 @@ class SessionFanout:
         if session is None:
             return
         boxes = [box for box in self._outbox.values() if session in box.group]
-        if len(boxes) == 1:
-            self._hand(boxes[0], session)
-        elif boxes:
-            self._hand_merged(boxes, session)
+        if boxes:
+            self._hand(boxes, session)
 
     def settle(self) -> None:
         """Hand every queued group message to its members' pending writes, in order: a member
@@ -306,11 +302,11 @@ class SessionFanout:
                 if session in shared:
                     continue  # Below, merged with its other groups' messages.
                 if box.skips or session in starts:
-                    hand(box, session)
+                    hand([box], session)
                 else:
                     self._queue(session, chunk, len(frames), box.entries)
         for session, boxes in shared.items():
-            self._hand_merged(boxes, session)
+            self._hand(boxes, session)
 
     def _share(self, box: _Outbox, session: Any) -> list[tuple[int, bytes, bytes]]:
         """``session``'s entries of ``box`` from its start on, as (sequence, frame, payload),
@@ -322,18 +318,13 @@ class SessionFanout:
         return [(box.seqs[i], frames[i], box.entries[i][0])
                 for i in range(start, len(box.entries)) if box.entries[i][1] != conn_id]
 
-    def _hand(self, box: _Outbox, session: Any) -> None:
-        """Give ``session`` the entries of ``box`` from its start on (skipping its own events)
-        and move its start past them."""
-        share = self._share(box, session)
-        if share:
-            self._queue(session, b"".join(f for _, f, _ in share), len(share),
-                        [(p, "") for _, _, p in share])
-
-    def _hand_merged(self, boxes: list[_Outbox], session: Any) -> None:
-        """As _hand for a member of several groups: their entries in the order sent."""
-        share = sorted((entry for box in boxes for entry in self._share(box, session)),
-                       key=lambda entry: entry[0])
+    def _hand(self, boxes: list[_Outbox], session: Any) -> None:
+        """Give ``session`` its entries of ``boxes`` (one, or each group it is in that has
+        messages queued) from its start on, in the order they were sent, and move its starts
+        past them."""
+        share = [entry for box in boxes for entry in self._share(box, session)]
+        if len(boxes) > 1:
+            share.sort(key=lambda entry: entry[0])
         if share:
             self._queue(session, b"".join(f for _, f, _ in share), len(share),
                         [(p, "") for _, _, p in share])
