@@ -17,8 +17,6 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-import orjson
-
 from roomcast import clock
 from roomcast.backends.broker import Publication
 from roomcast.protocol import dialects, envelopes
@@ -79,8 +77,3 @@ def _has_other_dialects(room: Room) -> bool:
     """True when some member speaks a compatibility dialect, which has no presence_diff."""
     return any(codec != dialects.NATIVE for codec in room.members)
 
-
-def decode(payload: bytes) -> dict[str, Any]:
-    """A presence event's fields."""
-    event: dict[str, Any] = orjson.loads(payload)
-    return event

@@ -138,7 +138,7 @@ class Service:
         """The broker's callback: every publication goes to the room's local members, but for
         the presence events this node knows to be wrong here (``_presence_event``)."""
         if publication.offset == 0 and publication.payload.startswith(_USER_EVENT):
-            event = diffs.decode(publication.payload)
+            event: dict[str, Any] = orjson.loads(publication.payload)
             if not self._presence_event(publication, event) or self.diffs.take(
                     publication, event):
                 return
