@@ -357,9 +357,7 @@ class Bench:
         publisher = await self.open_publisher(dep, run_id)
         measured = [("coordinator", os.getpid())] + [
             (f"client-{w.index}", w.pid) for w in self.workers]
-        server_cpu0 = {pid: procstat.cpu_times(pid) for _, pid in dep.measured()}
-        gen_cpu0 = {pid: procstat.cpu_seconds(pid) for _, pid in measured}
-        machine0 = procstat.machine_cpu()
+        before = cpu_sample(dep, measured)
         wall0 = time.monotonic()
         state = {"sent": 0}
         ticker = asyncio.ensure_future(self.progress(dep.target, state, conn["expected"]))
@@ -368,9 +366,7 @@ class Bench:
             publish_s = time.monotonic() - wall0
             missing = await self.wait_delivered(conn["expected"])
             wall = time.monotonic() - wall0
-            server_cpu1 = {pid: procstat.cpu_times(pid) for _, pid in dep.measured()}
-            gen_cpu1 = {pid: procstat.cpu_seconds(pid) for _, pid in measured}
-            machine1 = procstat.machine_cpu()
+            after = cpu_sample(dep, measured)
         finally:
             ticker.cancel()
             await publisher.close()
@@ -387,9 +383,8 @@ class Bench:
         last_ns = max(r["last_ns"] for r in results)
         span = (last_ns - first_send_ns) / 1e9 if last_ns > first_send_ns else 0.0
 
-        server = self.server_figures(dep, server_cpu0, server_cpu1, delivered)
-        generator = self.generator_figures(measured, gen_cpu0, gen_cpu1, wall)
-        machine = self.machine_figures(machine0, machine1, wall, server, generator)
+        server, generator, machine = self.figures(dep, measured, before, after, delivered,
+                                                  wall)
         if machine["other_cores"] > OTHER_LOAD_LIMIT:
             warnings.append(
                 f"processes outside the bench used {machine['other_cores']:.2f} of "
@@ -523,6 +518,15 @@ class Bench:
             say(f"{target}: {state['sent']}/{self.args.messages} sent, {got:,}/{expected:,} "
                 f"delivered ({got / elapsed:,.0f}/s), {elapsed:.0f} s")
 
+    def figures(self, dep: servers.Deployment, measured: list[tuple[str, int]],
+                before: CpuSample, after: CpuSample, delivered: int, wall: float,
+                ) -> tuple[dict[str, Any], dict[str, Any], dict[str, float]]:
+        """The servers', the load generators' and the machine's figures over a phase."""
+        server = self.server_figures(dep, before.server, after.server, delivered)
+        generator = self.generator_figures(measured, before.generator, after.generator, wall)
+        machine = self.machine_figures(before.machine, after.machine, wall, server, generator)
+        return server, generator, machine
+
     @staticmethod
     def server_figures(dep: servers.Deployment, cpu0: dict[int, tuple[float, float] | None],
                        cpu1: dict[int, tuple[float, float] | None],
@@ -627,9 +631,7 @@ class Bench:
         await open_client(publisher, self.deadline.left(10))
         measured = [("coordinator", os.getpid())] + [
             (f"client-{w.index}", w.pid) for w in self.workers]
-        server_cpu0 = {pid: procstat.cpu_times(pid) for _, pid in dep.measured()}
-        gen_cpu0 = {pid: procstat.cpu_seconds(pid) for _, pid in measured}
-        machine0 = procstat.machine_cpu()
+        before = cpu_sample(dep, measured)
         wall0 = time.monotonic()
         state = {"sent": 0}
         ticker = asyncio.ensure_future(self.acked_progress(dep.target, publisher, state))
@@ -641,9 +643,7 @@ class Bench:
             expected = self.acked_expected(conn, members, set(unacked))
             missing = await self.wait_delivered(expected)
             wall = time.monotonic() - wall0
-            server_cpu1 = {pid: procstat.cpu_times(pid) for _, pid in dep.measured()}
-            gen_cpu1 = {pid: procstat.cpu_seconds(pid) for _, pid in measured}
-            machine1 = procstat.machine_cpu()
+            after = cpu_sample(dep, measured)
         finally:
             ticker.cancel()
             await publisher.close()
@@ -666,11 +666,10 @@ class Bench:
             warnings.append(f"the publisher was closed with {publisher.close_code}")
         delivered = sum(r["delivered"] for r in results)
         ack_span = (publisher.last_ack_ns - first_ns) / 1e9 if publisher.acked else 0.0
-        server = self.server_figures(dep, server_cpu0, server_cpu1, delivered)
+        server, generator, machine = self.figures(dep, measured, before, after, delivered,
+                                                  wall)
         cpu = server["cpu_s"]
         server["acked_per_cpu_s"] = publisher.acked / cpu if cpu and cpu >= 0.05 else None
-        generator = self.generator_figures(measured, gen_cpu0, gen_cpu1, wall)
-        machine = self.machine_figures(machine0, machine1, wall, server, generator)
         if machine["other_cores"] > OTHER_LOAD_LIMIT:
             warnings.append(
                 f"processes outside the bench used {machine['other_cores']:.2f} of "
@@ -768,6 +767,21 @@ class Bench:
             say(f"{target}: {state['sent']:,}/{self.args.messages:,} sent, {pub.acked:,} "
                 f"acked ({pub.acked / elapsed:,.0f}/s), {got:,} received by the members, "
                 f"{elapsed:.0f} s")
+
+
+@dataclass(frozen=True)
+class CpuSample:
+    """CPU used so far by the servers (user, system) and the load generators, and the machine's."""
+
+    server: dict[int, tuple[float, float] | None]
+    generator: dict[int, float | None]
+    machine: dict[str, float]
+
+
+def cpu_sample(dep: servers.Deployment, measured: list[tuple[str, int]]) -> CpuSample:
+    return CpuSample({pid: procstat.cpu_times(pid) for _, pid in dep.measured()},
+                     {pid: procstat.cpu_seconds(pid) for _, pid in measured},
+                     procstat.machine_cpu())
 
 
 def merge_results(results: list[dict[str, Any]]) -> tuple[array.array[int], dict[str, int]]:

@@ -88,14 +88,18 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     return "\n".join([line(headers), rule, *(line(row) for row in rows)])
 
 
+def _connected(run: Run) -> str:
+    return f"{run['connected']:,}" + (f" ({run['connect_failed']} failed)"
+                                      if run["connect_failed"] else "")
+
+
 def _column(run: Run) -> list[str]:
     lat = run["latency_ms"]
     srv = run["server"]
     gen = run["generator"]
     rss = srv["peak_rss_kib"]
     return [
-        f"{run['connected']:,}" + (f" ({run['connect_failed']} failed)"
-                                   if run["connect_failed"] else ""),
+        _connected(run),
         num(run.get("connect_s"), 2),
         f"{num(run['delivered'])} / {num(run['expected'])}",
         f"{num(run['lost'])} / {num(run['duplicated'])}",
@@ -203,8 +207,7 @@ def _acked_column(run: Run) -> list[str]:
     lat = run["latency_ms"]
     ack = run["ack_latency_ms"]
     return [
-        f"{run['connected']:,}" + (f" ({run['connect_failed']} failed)"
-                                   if run["connect_failed"] else ""),
+        _connected(run),
         num(run["connect_s"], 2),
         num(run["sent"]),
         f"{num(run['acked'])} / {num(run['refused'])} / {num(run['unanswered'])}",

@@ -182,17 +182,21 @@ def start_reference(logdir: Path, timeout: float) -> Deployment:
     return Deployment("reference", "reference", [url], url, [server], idle_pid=server.pid)
 
 
+def shared_redis(started: list[ServerProcess], logdir: Path, timeout: float) -> str:
+    """Start a fresh redis-server for a deployment's processes, add it to ``started`` (so that
+    a failed start stops it too) and return its URL."""
+    redis = start_redis(logdir, timeout)
+    started.append(redis)
+    return f"redis://127.0.0.1:{redis.port}/0"
+
+
 def start_roomcast(
     nodes: int, logdir: Path, extra: list[str], timeout: float, cluster: bool
 ) -> Deployment:
     """One embedded node, or ``nodes`` nodes sharing a fresh redis-server (a unique prefix)."""
     started: list[ServerProcess] = []
     try:
-        redis_url = None
-        if cluster:
-            redis = start_redis(logdir, timeout)
-            started.append(redis)
-            redis_url = f"redis://127.0.0.1:{redis.port}/0"
+        redis_url = shared_redis(started, logdir, timeout) if cluster else None
         prefix = f"bench-{secrets.token_hex(3)}"
         for index in range(nodes if cluster else 1):
             started.append(start_node(index, logdir, redis_url, extra, timeout, prefix))
@@ -218,11 +222,7 @@ def start_socketio(
     env = {"NODE_PATH": str(node_modules), "NODE_ENV": "production"}
     started: list[ServerProcess] = []
     try:
-        redis_url = None
-        if cluster:
-            redis = start_redis(logdir, timeout)
-            started.append(redis)
-            redis_url = f"redis://127.0.0.1:{redis.port}/0"
+        redis_url = shared_redis(started, logdir, timeout) if cluster else None
         for index in range(processes if cluster else 1):
             def argv(port: int) -> list[str]:
                 cmd = [node, str(SOCKETIO_SERVER), "--host", "127.0.0.1", "--port", str(port)]
