@@ -68,7 +68,7 @@ from roomcast.transports.writer import FrameWriter, SendBudget
 log = structlog.get_logger("roomcast.conn")
 
 MAX_IDENTITY_LENGTH = 64
-#: Publishes of one connection in flight at once (read-ahead, WebSocketHandler._publish): a
+#: Publishes of one connection in flight at once (read-ahead, WebSocketEndpoint._publish): a
 #: constant, as it only bounds what one connection holds in the node (at most this many
 #: messages of --max-message-size) while its round trips to Redis overlap.
 PUBLISH_WINDOW = 64

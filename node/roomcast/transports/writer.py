@@ -84,22 +84,16 @@ class FrameWriter:
         """
         frame: bytes | None = None
         reached = 0
-        pending = self._pending
         for ws in connections:
             if raw_writable(ws):
                 if frame is None:
                     frame = text_frame(payload)
-                queue = pending.get(ws)
-                if queue is None:
-                    pending[ws] = [frame]
-                else:
-                    queue.append(frame)
+                self.queue(ws, frame, 1)
                 reached += 1
             elif ws.protocol.state is OPEN:
                 self.write_now(ws, payload)
                 reached += 1
-        self.frames += reached
-        if pending:
+        if self._pending:
             self.schedule()
         return reached
 
