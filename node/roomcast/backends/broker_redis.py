@@ -178,8 +178,8 @@ class RedisBroker:
         self._senders: dict[int, asyncio.Task[None]] = {}
         #: Partitioned channels and sharded pub/sub (--redis-cluster): see keys.Keys.
         self._sharded = keys.partitions > 0
-        self._rooms: set[str] = set()
-        #: channel -> the rooms subscribed through it (one each without partitions).
+        #: channel -> the rooms subscribed through it (one each without partitions): the rooms
+        #: the node wants, which every (re)connect subscribes.
         self._channel_rooms: dict[str, set[str]] = {}
         #: Channels the current connections confirmed.
         self._live: set[str] = set()
@@ -240,7 +240,6 @@ class RedisBroker:
 
     @unavailable_on_redis_error
     async def subscribe(self, room: str) -> None:
-        self._rooms.add(room)
         channel = self._keys.channel(room)
         self._channel_rooms.setdefault(channel, set()).add(room)
         if not self._connected.is_set() or not self._subs:
@@ -265,7 +264,6 @@ class RedisBroker:
             raise BrokerUnavailable("redis did not confirm the subscription") from None
 
     async def unsubscribe(self, room: str) -> None:
-        self._rooms.discard(room)
         channel = self._keys.channel(room)
         rooms = self._channel_rooms.get(channel)
         if rooms is not None:
@@ -353,8 +351,8 @@ class RedisBroker:
         """Open the pub/sub connection(s) and subscribe the control channel and every room's
         channel; the node counts as connected once Redis confirmed them all (_confirmed), so
         that a refill, read after that, misses nothing published since."""
-        rooms = list(self._rooms)
-        channels = sorted({self._keys.channel(room) for room in rooms})
+        rooms = [room for names in self._channel_rooms.values() for room in names]
+        channels = sorted(self._channel_rooms)
         self._resubscribed = (rooms, resubscribed)
         self._awaiting = 1 + len(channels)
         if not self._sharded:
@@ -365,13 +363,13 @@ class RedisBroker:
                 connection = pool.make_connection()  # type: ignore[no-untyped-call]  # unannotated in redis-py
                 self._subs[str(number)] = await Subscription.open(
                     connection, self._message, self._confirmed)
-            by_shard: dict[str, list[str]] = {}
+            by_sub: dict[Subscription, list[str]] = {}
             for channel in channels:
-                by_shard.setdefault(
-                    str(self._shard(self._keys.room_of_channel(channel))), []).append(channel)
-            self._subs["0"].subscribe(self._keys.control(), *by_shard.pop("0", []))
-            for name, shard_channels in by_shard.items():
-                self._subs[name].subscribe(*shard_channels)
+                by_sub.setdefault(self._subscription_of(channel), []).append(channel)
+            first = self._subs["0"]
+            first.subscribe(self._keys.control(), *by_sub.pop(first, []))
+            for sub, sub_channels in by_sub.items():
+                sub.subscribe(*sub_channels)  # One command per shard's connection.
             return
         cluster: Any = self._pubsub_client
         # The topology now: after a failover, the promoted replicas are the masters.
