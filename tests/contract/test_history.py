@@ -204,3 +204,19 @@ async def test_a_room_only_read_is_forgotten_after_the_idle_ttl(backend: Backend
     await backend.advance(TTL * 2)
     again = await pair.history.read("idle")
     assert again.offset == 0 and again.epoch != first.epoch
+
+
+async def test_restart_epoch_starts_one_new_epoch_even_once_history_is_past_the_node(
+    backend: Backend,
+) -> None:
+    """A node that found history gone back restarts the room's epoch even when publishes with
+    reused offsets have carried the room past its position meanwhile; a second node asking
+    with the old epoch gets the same new epoch, and the room starts over from offset 1."""
+    pair, epoch = await five_messages(backend)
+    first = await pair.history.restart_epoch("r", epoch)
+    assert first != epoch
+    assert await pair.history.restart_epoch("r", epoch) == first
+    after = await pair.publish("r", 6)
+    assert (after.offset, after.epoch) == (1, first)
+    result = await pair.history.read("r")
+    assert (result.offset, result.epoch) == (1, first)

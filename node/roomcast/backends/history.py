@@ -51,14 +51,12 @@ class History(Protocol):
         continued later. Raises BrokerUnavailable when the store is unreachable.
         """
 
-    async def restart_epoch(self, room: str, epoch: str, delivered: int,
-                            force: bool = False) -> str:
-        """The room's history went back: it is still in ``epoch`` but its last offset is below
-        ``delivered``, which a node has already delivered (a Redis failover lost the newest
-        writes), or (``force``) it holds another message where the node delivered one. Start a
-        new epoch (stored messages dropped, offsets from 1 again), so that no offset names two
-        messages; do nothing if the room is no longer in ``epoch`` (another node restarted it)
-        or, without ``force``, no longer below ``delivered``. Returns the room's epoch."""
+    async def restart_epoch(self, room: str, epoch: str) -> str:
+        """The room's history is no longer what this node delivered in ``epoch`` (a Redis
+        failover lost the newest writes, or a deposed master ran a late publish): start a new
+        epoch (stored messages dropped, offsets from 1 again), so that no offset names two
+        messages. Compare-and-set: if the room is no longer in ``epoch`` (another node restarted
+        it), nothing changes. Returns the room's epoch afterwards, never ``epoch``."""
 
 
 def new_epoch() -> str:
@@ -160,10 +158,9 @@ class MemoryHistory:
             state.stored.append((state.offset, payload))
         return state.offset, state.epoch, payload
 
-    async def restart_epoch(self, room: str, epoch: str, delivered: int,
-                            force: bool = False) -> str:
+    async def restart_epoch(self, room: str, epoch: str) -> str:
         state = self._room(room)
-        if state.epoch == epoch and (force or state.offset < delivered):
+        if state.epoch == epoch:
             state.epoch, state.offset = new_epoch(), 0
             state.stored.clear()
         return state.epoch

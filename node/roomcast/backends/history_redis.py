@@ -35,11 +35,9 @@ class RedisHistory:
         return shard(room, len(self._clients))
 
     @unavailable_on_redis_error
-    async def restart_epoch(self, room: str, epoch: str, delivered: int,
-                            force: bool = False) -> str:
+    async def restart_epoch(self, room: str, epoch: str) -> str:
         reply = await self._restarts[self._shard(room)](
-            keys=[self._keys.meta(room), self._keys.stream(room)],
-            args=[epoch, delivered, new_epoch(), int(force)])
+            keys=[self._keys.meta(room), self._keys.stream(room)], args=[epoch, new_epoch()])
         return as_str(reply)
 
     @unavailable_on_redis_error

@@ -201,8 +201,7 @@ async def _refill(rooms: Rooms, history: History, room: Room) -> None:
                 # where it delivered one (a failover lost the newest writes; a deposed master
                 # ran a late publish): those offsets name other messages now. A new epoch, and
                 # the members are told that what follows starts over.
-                epoch = await history.restart_epoch(room.name, position.epoch, position.offset,
-                                                    force=diverged)
+                epoch = await history.restart_epoch(room.name, position.epoch)
                 log.error("room history went back below what was delivered; new epoch",
                           room=room.name, delivered=position.offset, stored=stored.offset,
                           diverged=diverged, epoch=epoch)
@@ -229,15 +228,11 @@ async def _refill(rooms: Rooms, history: History, room: Room) -> None:
         lost = position
     finally:
         backlog, room.backlog = room.backlog or [], None
-        if rolled_back and lost is not None:
+        if rolled_back:
             # Whatever still comes in the retired epoch may reuse an offset already delivered:
             # it is dropped (the gap notice below tells the members), here and from now on.
             room.retired = position.epoch
             backlog = [p for p in backlog if p.epoch != position.epoch]
-            log.warning("messages lost in a gap, members told", room=room.name,
-                        since=position.offset, until=0, epoch=lost.epoch)
-            rooms.announce_gap(room, lost)
-            lost = None
         if lost is not None and not missed:
             # Everything queued meanwhile is delivered: the gap ends just before the first of it.
             queued = [p for p in backlog if p.offset]
