@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import signal
 import socket
 import time
+import urllib.request
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -18,7 +20,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from roomcast.backends.redis_common import load_script
-from tests.harness import Client, NodeProcess, RedisServer, barrier, native
+from tests.harness import Client, NodeProcess, RedisServer, barrier, native, wait_for
 
 StartNode = Callable[..., NodeProcess]
 
@@ -110,6 +112,49 @@ async def test_a_thousand_back_to_back_publishes_are_acked_and_delivered_in_orde
         (i, ack["offset"], ack["epoch"]) for i, ack in enumerate(acks)]
     # Exactly once: the next message the member gets is a marker published after them.
     assert (await barrier(pub, "r", member))["offset"] == count + 1
+
+
+def publishes_read(node: NodeProcess) -> float:
+    """roomcast_messages_in{type="publish"}: publish frames the node has read and decoded."""
+    with urllib.request.urlopen(f"{node.api}/metrics", timeout=5) as reply:
+        text = reply.read().decode()
+    for line in text.splitlines():
+        if line.startswith('roomcast_messages_in_total{type="publish"}'):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+async def test_read_ahead_holds_at_most_a_megabyte_of_large_publishes_while_redis_stalls(
+    start_node: StartNode, redis_server: RedisServer,
+) -> None:
+    """A connection publishing 60 KB messages while Redis does not answer: the node reads
+    ahead only as far as PUBLISH_WINDOW_BYTES (1 MiB: 17 in flight, the 18th read and
+    waiting), not PUBLISH_WINDOW (1024) messages; once Redis is back every one is acked, in
+    order, and reaches the member exactly once."""
+    node = start_node(redis_server.url, *FAST, "--redis-timeout", "20")
+    member = await native(node, "member")
+    await join(member, "r")
+    pub = await native(node, "pub")
+    blob, count = "x" * 60_000, 40  # Frames of about 60,050 bytes.
+    assert redis_server.proc is not None
+    redis_server.proc.send_signal(signal.SIGSTOP)
+    try:
+        for i in range(count):
+            await pub.send(publish("r", {"n": i, "blob": blob}, i))
+        await wait_for(lambda: publishes_read(node) >= 18, what="18 publishes read")
+        # Barrier: another connection's request served after those frames arrived; the
+        # stalled connection's reading stopped at the bound meanwhile.
+        other = await native(node, "other")
+        assert (await other.request({"type": "ping", "id": "p"}))["type"] == "pong"
+        assert publishes_read(node) == 18
+    finally:
+        redis_server.proc.send_signal(signal.SIGCONT)
+    acks = await answers(pub, count, timeout=30)
+    assert [(m["type"], m["id"]) for m in acks] == [("published", i) for i in range(count)]
+    got = await messages(member, count, timeout=30)
+    assert [(m["data"]["n"], m["offset"]) for m in got] == [
+        (i, ack["offset"]) for i, ack in enumerate(acks)]
+    assert (await barrier(pub, "r", member))["offset"] == acks[-1]["offset"] + 1
 
 
 # --- 2. other requests wait for the publishes before them -----------------------------------

@@ -64,9 +64,11 @@ BACKOFF_BASE = 0.1
 PUBSUB_READ_TICK = 1.0
 PUBSUB_IDLE_PING = 5.0
 #: Most publishes sent to Redis in one pipeline (one round trip); more wait for the next one.
-#: A constant: large enough that a busy node needs few round trips, small enough that one
-#: pipeline's replies are a few tens of KB.
-PUBLISH_BATCH = 256
+#: A constant: large enough that a burst reaches the other nodes in a few large pub/sub
+#: batches, each one flush to every member (docs/BENCHMARKS.md, "the publish window"), small
+#: enough that one MULTI/EXEC keeps Redis busy for a few milliseconds (about 20 us per
+#: publish) and its replies are a few tens of KB.
+PUBLISH_BATCH = 512
 
 #: A command waiting in the queue: a run of lua/publish.lua (its KEYS and ARGV), or with KEYS
 #: None an event's (S)PUBLISH (ARGV: the command, channel and frame), and the caller's future.

@@ -68,10 +68,14 @@ from roomcast.transports.writer import FrameWriter, SendBudget
 log = structlog.get_logger("roomcast.conn")
 
 MAX_IDENTITY_LENGTH = 64
-#: Publishes of one connection in flight at once (read-ahead, WebSocketEndpoint._publish): a
-#: constant, as it only bounds what one connection holds in the node (at most this many
-#: messages of --max-message-size) while its round trips to Redis overlap.
-PUBLISH_WINDOW = 64
+#: Publishes of one connection in flight at once (read-ahead, WebSocketEndpoint._publish), and
+#: the most bytes their frames may add up to: constants, as they only bound what one connection
+#: holds in the node while its round trips to Redis overlap. The count is what lets a burst of
+#: small messages reach Redis, and the other nodes, in a few large batches, one flush to every
+#: member each (docs/BENCHMARKS.md, "the publish window"); the bytes keep large messages to a
+#: few dozen (1 MiB / --max-message-size).
+PUBLISH_WINDOW = 1024
+PUBLISH_WINDOW_BYTES = 1 << 20
 FASTAPI_PREFIX = "/ws/chat/"
 
 
@@ -359,6 +363,17 @@ class AdmittedConnection(ServerConnection):
         task.add_done_callback(_log_close_error)
 
 
+class _Inflight(list[tuple["asyncio.Future[Any]", envelopes.Publish, int]]):
+    """One connection's publishes in flight, oldest first, each with its frame's size, and
+    the sum of those sizes. A list, not a deque: an idle connection's costs 64 bytes, not 600."""
+
+    __slots__ = ("size",)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.size = 0
+
+
 def _log_close_error(task: asyncio.Task[None]) -> None:
     if not task.cancelled() and task.exception() is not None:
         log.error("closing a flooding client failed", exc_info=task.exception())
@@ -605,9 +620,7 @@ class WebSocketEndpoint:
     # --- the one loop ------------------------------------------------------------------------
 
     async def _serve(self, session: Session, codec: Codec) -> None:
-        # Publishes in flight, oldest first: read-ahead (see _publish). A list, not a deque: at
-        # most PUBLISH_WINDOW long, and an idle connection's empty list costs 56 bytes, not 600.
-        inflight: list[tuple[asyncio.Future[Any], envelopes.Publish]] = []
+        inflight = _Inflight()  # Read-ahead, see _publish.
         async for frame in self._admitted(session, codec, inflight):
             rid = None
             try:
@@ -615,7 +628,7 @@ class WebSocketEndpoint:
                 rid = request.id
                 self.metrics.messages_in.labels(type=type(request).__name__.lower()).inc()
                 if type(request) is envelopes.Publish:
-                    await self._publish(session, codec, request, inflight)
+                    await self._publish(session, codec, request, len(frame), inflight)
                     continue
                 if inflight:  # Every reply in request order: the publishes' acks first.
                     await self._settle(session, codec, inflight, 0)
@@ -628,38 +641,40 @@ class WebSocketEndpoint:
         # The client is gone: what it published is in Redis' queue, and its acks go nowhere.
 
     async def _publish(self, session: Session, codec: Codec, request: envelopes.Publish,
-                       inflight: list[tuple[asyncio.Future[Any], envelopes.Publish]]) -> None:
-        """Read-ahead: start the publish and go on reading the connection while it is in
-        flight, up to PUBLISH_WINDOW of them. With a broker over Redis a publish waits for its
-        round trip; one at a time, a connection could publish no faster than one per round
-        trip (and per fan-out queued behind it), and nothing would be left to coalesce.
+                       size: int, inflight: _Inflight) -> None:
+        """Read-ahead: start the publish (its frame ``size`` bytes) and go on reading the
+        connection while it is in flight, up to PUBLISH_WINDOW of them and
+        PUBLISH_WINDOW_BYTES of their frames (always at least one). With a broker over Redis
+        a publish waits for its round trip; one at a time, a connection could publish no
+        faster than one per round trip (and per fan-out queued behind it), and nothing would
+        be left to coalesce.
 
         Order: the publishes start in the order they were read and none awaits anything
         before the broker has queued it (broker_redis.RedisBroker.publish), so they reach
         Redis in that order; their acks (or errors) are sent in that order too (_settle),
         and any other request waits until every publish before it was answered.
         """
-        if len(inflight) >= PUBLISH_WINDOW:
-            await self._settle(session, codec, inflight, PUBLISH_WINDOW - 1)
+        if len(inflight) >= PUBLISH_WINDOW or inflight.size + size > PUBLISH_WINDOW_BYTES:
+            await self._settle(session, codec, inflight, PUBLISH_WINDOW - 1,
+                               PUBLISH_WINDOW_BYTES - size)
         task = asyncio.ensure_future(self.service.publish(session, request.room, request.data))
-        inflight.append((task, request))
+        inflight.append((task, request, size))
+        inflight.size += size
         task.add_done_callback(lambda _: self._answer_publishes(session, codec, inflight))
 
-    async def _settle(self, session: Session, codec: Codec,
-                      inflight: list[tuple[asyncio.Future[Any], envelopes.Publish]],
-                      keep: int) -> None:
-        """Wait until at most ``keep`` publishes are in flight, their replies sent."""
-        while len(inflight) > keep:
+    async def _settle(self, session: Session, codec: Codec, inflight: _Inflight, keep: int,
+                      keep_bytes: int = 0) -> None:
+        """Wait until at most ``keep`` publishes, of at most ``keep_bytes`` together (or
+        none), are in flight, the replies of the others sent."""
+        while len(inflight) > keep or (inflight and inflight.size > keep_bytes):
             await asyncio.wait([inflight[0][0]])
             self._answer_publishes(session, codec, inflight)
 
-    def _answer_publishes(
-        self, session: Session, codec: Codec,
-        inflight: list[tuple[asyncio.Future[Any], envelopes.Publish]],
-    ) -> None:
+    def _answer_publishes(self, session: Session, codec: Codec, inflight: _Inflight) -> None:
         """Send the replies of the finished publishes at the head of ``inflight``, in order."""
         while inflight and inflight[0][0].done():
-            task, request = inflight.pop(0)
+            task, request, size = inflight.pop(0)
+            inflight.size -= size
             if task.cancelled():  # The node is shutting down: nobody to answer.
                 continue
             exc = task.exception()
@@ -726,10 +741,8 @@ class WebSocketEndpoint:
         if out is not None:
             session.send(out)
 
-    async def _admitted(
-        self, session: Session, codec: Codec,
-        inflight: list[tuple[asyncio.Future[Any], envelopes.Publish]],
-    ) -> AsyncIterator[str | bytes]:
+    async def _admitted(self, session: Session, codec: Codec,
+                        inflight: _Inflight) -> AsyncIterator[str | bytes]:
         """The client's messages that passed the rate limit when they arrived (their verdicts
         queue beside them, AdmittedConnection); ends once a flooder has been closed."""
         ws = session.ws
