@@ -4,8 +4,9 @@ One run: start the servers (recording their PIDs), measure memory per idle conne
 subscribers across R rooms from the load-generator processes (timing how long until every one has
 joined), let the join traffic settle, then publish M messages (at P per second, or as fast as
 possible with --saturate) and wait, bounded, until every expected delivery arrived. The same
-configuration then runs against the reference server (loadtest/reference_server.py) unless
---no-reference, and against socket.io (loadtest/socketio/server.js) with --socketio, and the
+configuration then runs against the reference server (loadtest/reference_server.py; beside a
+roomcast cluster, as many of its processes sharing a fresh redis-server, unless
+--reference-alone) unless --no-reference, and against socket.io (loadtest/socketio/server.js) with --socketio, and the
 summary table prints the ratios roomcast/reference and roomcast/socket.io. Progress goes to
 stderr, the tables to stdout, everything to --out.
 
@@ -63,7 +64,8 @@ Benchmark WebSocket fan-out: S subscribers across R rooms receive M messages fro
 one publisher. Reports connect + join time, deliveries/s, fan-out latency
 percentiles, lost and duplicated messages, server CPU seconds and peak RSS,
 deliveries per server CPU-second and memory per idle connection, beside the same
-run against a bare python-websockets server (loadtest/reference_server.py) and,
+run against a bare python-websockets server (loadtest/reference_server.py; as
+--nodes processes over Redis beside a roomcast cluster) and,
 with --socketio, against socket.io 4 + @socket.io/redis-adapter under Node, for
 ratios. --acked measures acknowledged publishes per second from one publisher
 instead, and checks that a member on another node gets each one once, in order.
@@ -127,6 +129,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                       "of (repeat); the first one gets the idle connections")
     what.add_argument("--no-reference", action="store_true",
                       help="skip the run against the reference server (no ratios)")
+    what.add_argument("--reference-alone", action="store_true",
+                      help="with --target roomcast-cluster: run the reference as one process "
+                      "without Redis; by default it runs as --nodes processes sharing a fresh "
+                      "redis-server (loadtest/reference_server.py --redis-url), the bare "
+                      "cluster beside the roomcast one")
     what.add_argument("--socketio", action="store_true",
                       help="also run socket.io 4 with @socket.io/redis-adapter under Node "
                       "(loadtest/socketio/server.js; as many processes as roomcast nodes, one "
@@ -587,7 +594,9 @@ class Bench:
         a = self.args
         timeout = self.deadline.left(START_TIMEOUT)
         if which == "reference":
-            dep = await asyncio.to_thread(servers.start_reference, self.logdir, timeout)
+            over_redis = a.target == "roomcast-cluster" and not a.reference_alone
+            dep = await asyncio.to_thread(servers.start_reference, a.nodes if over_redis else 1,
+                                          self.logdir, timeout, over_redis)
         elif which == "url":
             return servers.external(a.url, a.dialect, a.pid)
         elif which == "socketio":

@@ -173,13 +173,26 @@ def start_redis(logdir: Path, timeout: float) -> ServerProcess:
     return _start("redis", "redis", argv, logdir, b"PING\r\n", b"+PONG", timeout)
 
 
-def start_reference(logdir: Path, timeout: float) -> Deployment:
-    def argv(port: int) -> list[str]:
-        return [sys.executable, "-m", "loadtest.reference_server", "--port", str(port)]
+def start_reference(processes: int, logdir: Path, timeout: float, cluster: bool) -> Deployment:
+    """The bare reference: one process, or ``processes`` sharing a fresh redis-server (the
+    bare cluster a roomcast cluster is measured beside)."""
+    started: list[ServerProcess] = []
+    try:
+        redis_url = shared_redis(started, logdir, timeout) if cluster else None
+        for index in range(processes if cluster else 1):
+            def argv(port: int) -> list[str]:
+                cmd = [sys.executable, "-m", "loadtest.reference_server", "--port", str(port)]
+                return cmd + (["--redis-url", redis_url] if redis_url else [])
 
-    server = _start("reference", "reference", argv, logdir, b"", b"", timeout)
-    url = f"ws://127.0.0.1:{server.port}/"
-    return Deployment("reference", "reference", [url], url, [server], idle_pid=server.pid)
+            name = f"reference-{index}" if cluster else "reference"
+            started.append(_start(name, "reference", argv, logdir, b"", b"", timeout))
+    except BaseException:
+        Deployment("", "reference", [], "", started).stop()
+        raise
+    procs = [p for p in started if p.role == "reference"]
+    urls = [f"ws://127.0.0.1:{p.port}/" for p in procs]
+    target = "reference-cluster" if cluster else "reference"
+    return Deployment(target, "reference", urls, urls[0], started, idle_pid=procs[0].pid)
 
 
 def shared_redis(started: list[ServerProcess], logdir: Path, timeout: float) -> str:

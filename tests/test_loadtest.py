@@ -208,6 +208,30 @@ def _assert_acked_exactly_once(run: dict[str, Any], members: int, messages: int)
     assert run["acked_per_s"] > 0 and run["ack_latency_ms"]["p99"] is not None
 
 
+@pytest.mark.parametrize("alone", [False, True])
+def test_cluster_bench_runs_the_reference_as_a_bare_cluster_over_redis(
+    tmp_path: Path, alone: bool,
+) -> None:
+    """Beside two roomcast nodes the reference runs as two processes sharing a fresh
+    redis-server: the subscribers of the second one get every message only through Redis.
+    With --reference-alone it is one process without Redis."""
+    doc, stdout = _bench(tmp_path, "--target", "roomcast-cluster", "--nodes", "2", "-S", "20",
+                         "-M", "30", "-P", "100", "-K", "20", "--max-seconds", "50",
+                         *(["--reference-alone"] if alone else []))
+    [point] = doc["points"]
+    ref = point["reference"]
+    names = sorted(p["name"] for p in ref["server"]["processes"])
+    if alone:
+        assert ref["target"] == "reference" and names == ["reference"]
+    else:
+        assert ref["target"] == "reference-cluster"
+        assert names == ["redis", "reference-0", "reference-1"]
+    assert ref["connected"] == 20
+    assert ref["delivered"] == ref["expected"] == 20 * 30
+    assert ref["lost"] == 0 and ref["duplicated"] == 0 and ref["out_of_order"] == 0
+    assert "ratio roomcast/reference" in stdout
+
+
 def test_acked_bench_on_an_embedded_node(tmp_path: Path) -> None:
     """--acked on one node: every publish acked in order, each member gets each one once."""
     doc, stdout = _bench(tmp_path, "--target", "roomcast-embedded", "--acked", "-S", "2",
