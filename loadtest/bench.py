@@ -6,9 +6,9 @@ joined), let the join traffic settle, then publish M messages (at P per second, 
 possible with --saturate) and wait, bounded, until every expected delivery arrived. The same
 configuration then runs against the reference server (loadtest/reference_server.py; beside a
 roomcast cluster, as many of its processes sharing a fresh redis-server, unless
---reference-alone) unless --no-reference, and against socket.io (loadtest/socketio/server.js) with --socketio, and the
-summary table prints the ratios roomcast/reference and roomcast/socket.io. Progress goes to
-stderr, the tables to stdout, everything to --out.
+--reference-alone) unless --no-reference, and against socket.io (loadtest/socketio/server.js)
+with --socketio, and the summary table prints the ratios roomcast/reference and
+roomcast/socket.io. Progress goes to stderr, the tables to stdout, everything to --out.
 
 --acked measures something else: one publisher on node 0 sends M publishes, each asking for an
 acknowledgement, with at most --window unanswered; acknowledged publishes per second, whether
