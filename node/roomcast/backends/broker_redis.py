@@ -28,7 +28,7 @@ from typing import Any
 
 import redis.asyncio as aioredis
 import structlog
-from redis.exceptions import NoScriptError, RedisError, ResponseError
+from redis.exceptions import NoScriptError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from roomcast import clock
@@ -43,6 +43,7 @@ from roomcast.backends.broker import (
 )
 from roomcast.backends.history import Retention, new_epoch
 from roomcast.backends.keys import Keys, shard
+from roomcast.backends.redis_batch import Batcher, Queued
 from roomcast.backends.redis_common import (
     REDIS_FAILURES,
     RedisHealth,
@@ -69,10 +70,6 @@ PUBSUB_IDLE_PING = 5.0
 #: enough that one MULTI/EXEC keeps Redis busy for a few milliseconds (about 20 us per
 #: publish) and its replies are a few tens of KB.
 PUBLISH_BATCH = 512
-
-#: A command waiting in the queue: a run of lua/publish.lua (its KEYS and ARGV), or with KEYS
-#: None an event's (S)PUBLISH (ARGV: the command, channel and frame), and the caller's future.
-_Queued = tuple[list[str] | None, list[bytes | str | int], "asyncio.Future[Any]"]
 
 #: Seconds between two write probes. A constant: readiness should follow Redis within about a
 #: second, and one tiny SET per second and node costs Redis nothing.
@@ -175,11 +172,11 @@ class RedisBroker:
         self._subscribe_timeout = config.redis_timeout
         self._backoff_cap = config.redis_retry_max
         self._publish_script = redis.register_script(load_script("publish"))
-        #: Publishes waiting, and the task sending them, per shard (one, but with sharding).
-        self._queues: dict[int, list[_Queued]] = {}
-        self._senders: dict[int, asyncio.Task[None]] = {}
         #: Partitioned channels and sharded pub/sub (--redis-cluster): see keys.Keys.
         self._sharded = keys.partitions > 0
+        #: The publish queue of each shard (one, but with client-side sharding).
+        self._queues = [_PublishQueue(client, self._sharded, self.health)
+                        for client, _, _ in self._shards]
         #: channel -> the rooms subscribed through it (one each without partitions): the rooms
         #: the node wants, which every (re)connect subscribes.
         self._channel_rooms: dict[str, set[str]] = {}
@@ -225,13 +222,14 @@ class RedisBroker:
         return True
 
     async def close(self) -> None:
-        for task in (self._reader, self._prober, self._limit_check, *self._senders.values()):
+        for task in (self._reader, self._prober, self._limit_check):
             if task is not None:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
         self._reader = self._prober = self._limit_check = None
-        self._senders.clear()
+        for queue in self._queues:
+            await queue.close()
         self._connected.clear()
         clients = [client for shard in self._shards for client in shard]
         for client in {id(client): client for client in clients}.values():
@@ -535,7 +533,8 @@ class RedisBroker:
         # Nothing awaited before this line: publishes enter the queue in the order they were
         # called, which is the order Redis runs them (one pipeline at a time, in order), so one
         # connection's publishes keep their order however many are in flight.
-        offset, epoch, duplicate = await self._enqueue(keys, args, self._shard(room))
+        offset, epoch, duplicate = await self._queues[self._shard(room)].script(
+            self._publish_script, keys, args, tag=keys[0])
         offset, epoch = int(offset), as_str(epoch)
         if duplicate:
             return Publication(room, b"", offset, epoch, origin, 0, duplicate=True)
@@ -550,100 +549,6 @@ class RedisBroker:
         """The index of the room's shard (0 without client-side sharding)."""
         return shard(room, len(self._shards))
 
-    def _enqueue(self, keys: list[str] | None, args: list[bytes | str | int],
-                 index: int = 0) -> asyncio.Future[Any]:
-        """Queue one run of lua/publish.lua (or, ``keys`` None, the command ``args``) on shard
-        ``index``; its future gets the reply."""
-        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self._queues.setdefault(index, []).append((keys, args, future))
-        sender = self._senders.get(index)
-        if sender is None or sender.done():
-            self._senders[index] = asyncio.create_task(
-                self._send_publishes(index), name="redis-publisher")
-        return future
-
-    async def _send_publishes(self, index: int) -> None:
-        """Send shard ``index``'s queued publishes, PUBLISH_BATCH at most per pipeline (one
-        round trip), one pipeline at a time: while one is in flight the next batch gathers. A
-        failed pipeline fails each of its publishes (the caller answers 'unavailable'; with an
-        idempotency key a retry is safe), never a later one."""
-        queue = self._queues[index]
-        client = self._shards[index][0]
-        while queue:
-            batch = queue[:PUBLISH_BATCH]
-            del queue[:PUBLISH_BATCH]
-            try:
-                replies = await self._run(batch, client)
-            except asyncio.CancelledError:
-                for _, _, future in batch + queue:
-                    if not future.done():
-                        future.set_exception(BrokerUnavailable("broker is closed"))
-                queue.clear()
-                raise
-            except Exception as exc:  # Task boundary: each publish gets the failure.
-                if not isinstance(exc, REDIS_FAILURES):
-                    log.error("redis publisher crashed", exc_info=True)
-                replies = [exc] * len(batch)
-            for (_, _, future), reply in zip(batch, replies, strict=True):
-                if future.done():
-                    continue  # Its caller was cancelled.
-                if isinstance(reply, BaseException):
-                    future.set_exception(reply)
-                else:
-                    future.set_result(reply)
-
-    async def _run(self, batch: list[_Queued], client: Any) -> list[Any]:
-        """Run a batch of publish.lua calls in one pipeline; each reply or its error."""
-        script = self._publish_script
-        replies = await self._pipeline(script.sha, batch, client)
-        missing = [i for i, reply in enumerate(replies) if isinstance(reply, NoScriptError)
-                   and batch[i][0] is not None]
-        if self._sharded:
-            # A Redis Cluster pipeline is no transaction: another client's SCRIPT LOAD may have
-            # run between two of its calls, so a later call of the same room may have run
-            # where an earlier one got NOSCRIPT. Running the earlier one now would put it
-            # after the later one: it stays refused ('unavailable', nothing done) instead.
-            ran_later: set[str] = set()
-            keep = []
-            for i in range(len(batch) - 1, -1, -1):
-                keys = batch[i][0]
-                if keys is None:
-                    continue
-                if isinstance(replies[i], NoScriptError):
-                    if keys[0] not in ran_later:
-                        keep.append(i)
-                elif not isinstance(replies[i], BaseException):
-                    ran_later.add(keys[0])
-            missing = sorted(keep)
-        if missing:
-            # Redis lost its scripts (a restart, SCRIPT FLUSH). On one Redis a batch is one
-            # transaction, inside which no other client runs: a NOSCRIPT means the script was
-            # missing for every call of it, none ran, and they all run again, in order. (A
-            # flush between the load and the rerun fails them again: 'unavailable'.)
-            await client.script_load(script.script)
-            again = await self._pipeline(script.sha, [batch[i] for i in missing], client)
-            for i, reply in zip(missing, again, strict=True):
-                replies[i] = reply
-        return replies
-
-    async def _pipeline(self, sha: str, batch: list[_Queued], client: Any) -> list[Any]:
-        """The batch as one MULTI/EXEC on one Redis; on a Redis Cluster as one pipeline that
-        redis-py splits by node (its transactions cannot span slots), see _run for NOSCRIPT."""
-        pipe = client.pipeline(transaction=not self._sharded)
-        for keys, args, _ in batch:
-            if keys is None:
-                pipe.execute_command(*args)  # An event: PUBLISH, or SPUBLISH (by its channel).
-                continue
-            # execute_command, not evalsha: a Redis Cluster pipeline refuses the helper, and
-            # routes EVALSHA by its keys (all in the room's slot) like any other command.
-            pipe.execute_command("EVALSHA", sha, len(keys), *keys, *args)
-        replies: list[Any] = await pipe.execute(raise_on_error=False)
-        for (keys, args, _), reply in zip(batch, replies, strict=True):
-            if isinstance(reply, RedisError):
-                # Errors in place do not raise: report them as a failed command would be.
-                self.health.failed(reply, "EVALSHA" if keys is not None else str(args[0]))
-        return replies
-
     @unavailable_on_redis_error
     async def publish_event(self, room: str, payload: bytes, origin: str = "") -> None:
         if not self._connected.is_set():
@@ -652,13 +557,49 @@ class RedisBroker:
         # order (a typing event after a message stays after it).
         channel = self._keys.channel(room)
         if self._sharded:
-            await self._enqueue(None, ["SPUBLISH", channel, event_frame(payload, origin, room)])
+            await self._queues[0].call("SPUBLISH", channel, event_frame(payload, origin, room))
         else:
-            await self._enqueue(None, ["PUBLISH", channel, event_frame(payload, origin)],
-                                self._shard(room))
+            await self._queues[self._shard(room)].call(
+                "PUBLISH", channel, event_frame(payload, origin))
 
     @unavailable_on_redis_error
     async def publish_control(self, payload: bytes) -> None:
         if not self._connected.is_set():
             raise BrokerUnavailable("redis is unavailable")
         await self._redis.publish(self._keys.control(), payload)
+
+
+class _PublishQueue(Batcher):
+    """A shard's publishes and events, PUBLISH_BATCH at most per pipeline (one round trip), one
+    pipeline at a time: while one is in flight the next batch gathers, and Redis runs them in
+    the order they were called. A failed pipeline fails each of its publishes (the caller
+    answers 'unavailable'; with an idempotency key a retry is safe), never a later one.
+
+    On one Redis a batch is a MULTI/EXEC, inside which no other client runs: a NOSCRIPT means
+    the script was missing for every call of it, none ran, and they all run again, in order
+    (a flush between the load and the rerun fails them again: 'unavailable'). A Redis Cluster
+    pipeline is no transaction (redis-py splits it by node): another client's SCRIPT LOAD may
+    have run between two of its calls, so a later call of the same room may have run where an
+    earlier one got NOSCRIPT. Running the earlier one now would put it after the later one: it
+    stays refused ('unavailable', nothing done) instead. A publish's tag is its room's meta
+    key; an event has none."""
+
+    def __init__(self, client: Any, sharded: bool, health: RedisHealth) -> None:
+        super().__init__(client, transaction=not sharded, limit=PUBLISH_BATCH, health=health)
+        self._sharded = sharded
+
+    def rerunnable(self, batch: list[Queued], replies: list[Any]) -> list[int]:
+        if not self._sharded:
+            return super().rerunnable(batch, replies)
+        ran_later: set[str] = set()
+        keep = []
+        for i in range(len(batch) - 1, -1, -1):
+            room = batch[i].tag
+            if room is None:
+                continue
+            if isinstance(replies[i], NoScriptError):
+                if room not in ran_later:
+                    keep.append(i)
+            elif not isinstance(replies[i], BaseException):
+                ran_later.add(room)
+        return sorted(keep)

@@ -1,0 +1,154 @@
+"""Auto-pipelining: the Redis commands callers issue while a round trip is under way go to Redis
+together, as the next pipeline, one pipeline at a time.
+
+redis-py spends a few hundred microseconds of Python on each command it sends alone (a pooled
+connection taken and given back, a timeout set, a retry wrapper, the reply read), several times
+what Redis spends running it. A join storm issues two scripts per join (the position read of
+history.lua and the entry of presence_add.lua) from hundreds of joins at once; sent as one
+pipeline per round trip they cost that overhead once per batch. This is what ioredis'
+``enableAutoPipelining`` and rueidis (Centrifugo's Redis client) do.
+
+Each caller awaits its own reply, or its own error, as if it had sent the command alone. A
+command queued by a caller that was cancelled before its batch left is not sent. The order of
+commands is the order of the calls (one connection, one pipeline at a time), so that two calls
+on one key run in the order they were made; a failed batch fails each of its commands, never a
+later one. A NOSCRIPT reply (Redis lost its scripts: a restart, SCRIPT FLUSH) loads the scripts
+and runs those commands again (``Batcher.rerunnable``; the broker's publish queue, where that
+order matters across a batch, has its own rule).
+
+Pub/sub connections never batch: they are not command connections (redis_pubsub.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from typing import Any
+
+import structlog
+from redis.commands.core import AsyncScript
+from redis.exceptions import NoScriptError, RedisError
+
+from roomcast.backends.broker import BrokerUnavailable
+from roomcast.backends.redis_common import REDIS_FAILURES, RedisHealth
+
+log = structlog.get_logger("roomcast.redis")
+
+#: Most commands in one pipeline; more wait for the next round trip. A constant: large enough
+#: that a storm of joins needs few round trips, small enough that one pipeline's replies are a
+#: few hundred KB at most and Redis runs it in a few milliseconds.
+BATCH_LIMIT = 512
+
+
+class Queued:
+    """One command waiting: its arguments, the script it runs (for NOSCRIPT), a tag for
+    subclasses' rules, and the caller's future."""
+
+    __slots__ = ("command", "future", "script", "tag")
+
+    def __init__(self, command: tuple[Any, ...], script: AsyncScript | None, tag: Any,
+                 future: asyncio.Future[Any]) -> None:
+        self.command = command
+        self.script = script
+        self.tag = tag
+        self.future = future
+
+
+class Batcher:
+    """One client's auto-pipeline (``transaction``: each batch a MULTI/EXEC)."""
+
+    def __init__(self, client: Any, transaction: bool = False, limit: int = BATCH_LIMIT,
+                 health: RedisHealth | None = None) -> None:
+        self.client = client
+        #: Where errors in place are reported: the client's own RedisHealth by default.
+        self._health = health if health is not None else getattr(client, "health", None)
+        self._transaction = transaction
+        self._limit = limit
+        self._queue: list[Queued] = []
+        self._sender: asyncio.Task[None] | None = None
+
+    def call(self, *command: Any, tag: Any = None) -> asyncio.Future[Any]:
+        """Queue ``command`` (``"SADD", key, member``...); the future gets its reply."""
+        return self._enqueue(command, None, tag)
+
+    def script(self, script: AsyncScript, keys: list[str], args: list[Any],
+               tag: Any = None) -> asyncio.Future[Any]:
+        """Queue a run of ``script`` (EVALSHA; routed by its keys on a Redis Cluster)."""
+        return self._enqueue(("EVALSHA", script.sha, len(keys), *keys, *args), script, tag)
+
+    def _enqueue(self, command: tuple[Any, ...], script: AsyncScript | None,
+                 tag: Any) -> asyncio.Future[Any]:
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._queue.append(Queued(command, script, tag, future))
+        if self._sender is None or self._sender.done():
+            self._sender = asyncio.create_task(self._send(), name="redis-batcher")
+        return future
+
+    async def close(self) -> None:
+        """Stop sending; what is queued or in flight fails with BrokerUnavailable."""
+        if self._sender is not None:
+            self._sender.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._sender
+            self._sender = None
+
+    async def _send(self) -> None:
+        queue = self._queue
+        while queue:
+            batch = [queued for queued in queue[:self._limit] if not queued.future.done()]
+            del queue[:self._limit]
+            if not batch:
+                continue
+            try:
+                replies = await self.run(batch)
+            except asyncio.CancelledError:
+                for queued in batch + queue:
+                    if not queued.future.done():
+                        queued.future.set_exception(BrokerUnavailable("redis client is closed"))
+                queue.clear()
+                raise
+            except Exception as exc:  # Task boundary: each command gets the failure.
+                if not isinstance(exc, REDIS_FAILURES):
+                    log.error("redis batcher crashed", exc_info=True)
+                replies = [exc] * len(batch)
+            for queued, reply in zip(batch, replies, strict=True):
+                if queued.future.done():
+                    continue  # Its caller was cancelled meanwhile.
+                if isinstance(reply, BaseException):
+                    queued.future.set_exception(reply)
+                else:
+                    queued.future.set_result(reply)
+
+    async def run(self, batch: list[Queued]) -> list[Any]:
+        """The batch's replies (or errors), in order; the commands ``rerunnable`` names run
+        again once their scripts are loaded."""
+        replies = await self.pipeline(batch)
+        which = self.rerunnable(batch, replies)
+        if which:
+            scripts = {id(batch[i].script): batch[i].script for i in which}
+            for script in scripts.values():
+                assert script is not None
+                await self.client.script_load(script.script)
+            again = await self.pipeline([batch[i] for i in which])
+            for i, reply in zip(which, again, strict=True):
+                replies[i] = reply
+        return replies
+
+    def rerunnable(self, batch: list[Queued], replies: list[Any]) -> list[int]:
+        """Indexes of the commands to run again after loading their scripts: every script
+        Redis did not have. Inside one pipeline nothing here depends on their order."""
+        return [i for i, reply in enumerate(replies)
+                if isinstance(reply, NoScriptError) and batch[i].script is not None]
+
+    async def pipeline(self, batch: list[Queued]) -> list[Any]:
+        """Send ``batch`` as one pipeline; errors in place are reported to the client's
+        RedisHealth as a command of their own would be."""
+        pipe = self.client.pipeline(transaction=self._transaction)
+        for queued in batch:
+            pipe.execute_command(*queued.command)
+        replies: list[Any] = await pipe.execute(raise_on_error=False)
+        if self._health is not None:
+            for queued, reply in zip(batch, replies, strict=True):
+                if isinstance(reply, RedisError):
+                    self._health.failed(reply, str(queued.command[0]))
+        return replies
