@@ -7,6 +7,7 @@ import asyncio
 from collections.abc import Callable
 from typing import Any
 
+from roomcast.service.diffs import DIFF_WRITES_PER_SECOND, diff_interval
 from tests.harness import Client, NodeProcess, RedisServer, native
 
 FLAGS = ("--presence-diff-above", "3", "--presence-diff-interval", "0.3",
@@ -64,3 +65,16 @@ async def test_a_join_storm_in_a_large_room_arrives_as_few_presence_diffs(
     left = await diffs_until(watcher, {"s0"}, "leaves")
     assert [e["user_id"] for env in left for e in env["leaves"]] == ["s0"]
 
+
+
+def test_a_very_large_room_gathers_its_diffs_longer_so_they_cost_a_bounded_rate() -> None:
+    """A diff is one write per member: up to 2,500 x --presence-diff-interval members a room
+    keeps the flag's interval; beyond, members / 2,500 s, so that a room's diffs never cost a
+    node more than 2,500 writes per second however large it grows."""
+    assert diff_interval(100, 0.2) == 0.2
+    assert diff_interval(500, 0.2) == 0.2
+    assert diff_interval(2500, 0.2) == 1.0
+    assert diff_interval(10_000, 0.2) == 4.0
+    for members in (1, 200, 499, 501, 2500, 50_000):
+        interval = diff_interval(members, 0.2)
+        assert members / interval <= DIFF_WRITES_PER_SECOND

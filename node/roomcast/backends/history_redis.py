@@ -11,6 +11,7 @@ import redis.asyncio as aioredis
 
 from roomcast.backends.history import HistoryResult, new_epoch, recovery_result
 from roomcast.backends.keys import Keys, shard
+from roomcast.backends.redis_batch import Batcher
 from roomcast.backends.redis_common import as_str, load_script, unavailable_on_redis_error
 from roomcast.protocol.envelopes import Since
 
@@ -28,6 +29,8 @@ class RedisHistory:
         self._idle_ttl_ms = max(1, int(idle_ttl * 1000))
         self._scripts = [client.register_script(load_script("history"))
                          for client in self._clients]
+        #: Reads of concurrent joins go as one pipeline per round trip (redis_batch.py).
+        self._batches = [Batcher(client) for client in self._clients]
         self._restarts = [client.register_script(load_script("restart_epoch"))
                           for client in self._clients]
 
@@ -47,9 +50,10 @@ class RedisHistory:
         start = "-" if since is None else str(since.offset + 1)
         # A room never published to (or whose history was lost) gets an epoch in the same
         # script, kept for --idle-room-ttl, so that a position read now can be continued.
-        reply = await self._scripts[self._shard(room)](
-            keys=[self._keys.meta(room), self._keys.stream(room)],
-            args=[start, limit or 0, new_epoch(), self._idle_ttl_ms],
+        index = self._shard(room)
+        reply = await self._batches[index].script(
+            self._scripts[index], [self._keys.meta(room), self._keys.stream(room)],
+            [start, limit or 0, new_epoch(), self._idle_ttl_ms],
         )
         offset, epoch, first_offset = int(reply[0]), as_str(reply[1]), int(reply[2])
         return recovery_result(offset, epoch, first_offset, list(reply[3:]), since)

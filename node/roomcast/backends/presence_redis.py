@@ -79,6 +79,7 @@ from roomcast.backends.presence import (
     nick_key,
     nick_owner,
 )
+from roomcast.backends.redis_batch import Batcher
 from roomcast.backends.redis_common import (
     REDIS_FAILURES,
     as_str,
@@ -314,6 +315,9 @@ class RedisPresence:
         self._lease_ms = int(lease_ttl * 1000)
         self._key_ttl_ms = int(key_ttl(room_ttl, lease_ttl) * 1000)
         self._scripts = {name: redis.register_script(load_script(name)) for name in SCRIPTS}
+        #: The hot path's commands (entries written and removed, connections counted) from
+        #: concurrent joins and opens go as one pipeline per round trip (redis_batch.py).
+        self._batch = Batcher(redis)
         self._connections = 0
         #: This node's entries, room -> conn_id -> member, so that they can be written again if
         #: Redis loses them.
@@ -403,6 +407,7 @@ class RedisPresence:
             await self._drop_connections()
         except REDIS_FAILURES:
             log.warning("could not remove connection counts on shutdown", exc_info=True)
+        await self._batch.close()
 
     # --- background work ---------------------------------------------------------------------
 
@@ -637,11 +642,12 @@ class RedisPresence:
         try:
             if register:
                 await self._register_room(room)
-            fresh = await self._scripts["presence_add"](
-                keys=[k.presence(room, self._node_id), k.presence_nodes(room), k.users(room),
-                      k.leaves(room), k.leave_names(room)],
-                args=[self._node_id, member.conn_id, orjson.dumps(member.to_dict()),
-                      member.user_id, self._key_ttl_ms],
+            fresh = await self._batch.script(
+                self._scripts["presence_add"],
+                [k.presence(room, self._node_id), k.presence_nodes(room), k.users(room),
+                 k.leaves(room), k.leave_names(room)],
+                [self._node_id, member.conn_id, orjson.dumps(member.to_dict()),
+                 member.user_id, self._key_ttl_ms],
             )
         finally:
             left = self._registering.pop(room) - 1
@@ -683,11 +689,10 @@ class RedisPresence:
             # Forgotten under the lock, so that a re-registration cannot write it back after
             # this removal.
             self._forget(room, member.conn_id)
-            _, empty, earliest = await self._scripts["presence_remove"](
-                keys=self._room_keys(room, self._node_id),
-                args=[self._node_id, member.conn_id, member.user_id, member.username,
-                      deadline_ms, nick_key(member.nick) if member.nick else "",
-                      self._key_ttl_ms],
+            _, empty, earliest = await self._batch.script(
+                self._scripts["presence_remove"], self._room_keys(room, self._node_id),
+                [self._node_id, member.conn_id, member.user_id, member.username, deadline_ms,
+                 nick_key(member.nick) if member.nick else "", self._key_ttl_ms],
             )
             # The leave exists in the room now; index it. If this fails, the retried removal
             # finds the connection gone but still returns the pending leave to index.
@@ -761,7 +766,7 @@ class RedisPresence:
         node that is alive after all would never come back, and its users could then exceed
         the limit."""
         floor = clock.now_ms() - REAP_MARGIN_MS if self._may_reap() else 0
-        alive = await self._redis.zrangebyscore(self._keys.nodes(), floor, "+inf")
+        alive = await self._batch.call("ZRANGEBYSCORE", self._keys.nodes(), floor, "+inf")
         return sorted({as_str(raw) for raw in alive} | {self._node_id})
 
     @unavailable_on_redis_error
@@ -773,9 +778,9 @@ class RedisPresence:
             # runs still counts, this once: the user is refused rather than let past the limit.
             counted = await self._counted_nodes()
             try:
-                opened = await self._scripts["open_connection"](
-                    keys=[self._keys.user_connections(user_id)],
-                    args=[conn_id, self._node_id, limit, USER_CONNS_TTL_MS, *counted],
+                opened = await self._batch.script(
+                    self._scripts["open_connection"], [self._keys.user_connections(user_id)],
+                    [conn_id, self._node_id, limit, USER_CONNS_TTL_MS, *counted],
                 )
             except REDIS_FAILURES:
                 # The script may have run and its reply been lost: the caller takes the

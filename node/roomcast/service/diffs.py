@@ -7,8 +7,12 @@ events for --presence-diff-interval and sends them as one envelope with the user
 who left, the last word per user (a user who left and came back within the interval is in
 ``joins`` only). Smaller rooms keep their single events. A diff is built once per node and room and
 goes to the members as one frame; it may name the receiving member's own user, which a single
-user_joined never shows it. Events of a room with a diff pending join that diff even if the room
-has become small, so that their order is kept. A room with a member of a compatibility dialect
+user_joined never shows it. A diff costs one write per member, so a room of more than
+DIFF_WRITES_PER_SECOND x --presence-diff-interval local members waits longer: members /
+DIFF_WRITES_PER_SECOND seconds (a second for 2,500), so that however large the room, its diffs
+cost a node at most that many writes per second (Phoenix's tracker broadcasts every 1.5 s).
+Events of a room with a diff pending join that diff even if the room has become small, so that
+their order is kept. A room with a member of a compatibility dialect
 (FastAPI, tutorial), which has no presence_diff, keeps single events.
 """
 
@@ -21,6 +25,15 @@ from roomcast import clock
 from roomcast.backends.broker import Publication
 from roomcast.protocol import dialects, envelopes
 from roomcast.service.rooms import Room, Rooms
+
+#: Writes per second a large room's presence diffs may cost a node at most (one per member per
+#: diff): the interval grows with the room beyond --presence-diff-interval to keep to it.
+DIFF_WRITES_PER_SECOND = 2500
+
+
+def diff_interval(members: int, least: float) -> float:
+    """Seconds a room of ``members`` local members gathers its presence events."""
+    return max(least, members / DIFF_WRITES_PER_SECOND)
 
 
 class PresenceDiffs:
@@ -45,7 +58,8 @@ class PresenceDiffs:
                     or _has_other_dialects(room)):
                 return False
             pending = self._pending[name] = {}
-            asyncio.get_running_loop().call_later(self._interval, self._flush, name)
+            asyncio.get_running_loop().call_later(diff_interval(len(room), self._interval),
+                                                  self._flush, name)
         fields = {k: v for k, v in event.items() if k not in ("type", "room")}
         user_id = str(fields.get("user_id", ""))
         pending.pop(user_id, None)  # The latest word on a user goes last.
