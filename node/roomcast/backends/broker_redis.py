@@ -600,6 +600,6 @@ class _PublishQueue(Batcher):
             if isinstance(replies[i], NoScriptError):
                 if room not in ran_later:
                     keep.append(i)
-            elif not isinstance(replies[i], BaseException):
+            else:  # Ran, or may have (an error in place: a lost connection, a timeout).
                 ran_later.add(room)
         return sorted(keep)

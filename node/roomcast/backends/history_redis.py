@@ -30,7 +30,7 @@ class RedisHistory:
         self._scripts = [client.register_script(load_script("history"))
                          for client in self._clients]
         #: Reads of concurrent joins go as one pipeline per round trip (redis_batch.py).
-        self._batches = [Batcher(client) for client in self._clients]
+        self._batches = [Batcher.for_backend(client) for client in self._clients]
         self._restarts = [client.register_script(load_script("restart_epoch"))
                           for client in self._clients]
 

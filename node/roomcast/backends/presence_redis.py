@@ -317,7 +317,7 @@ class RedisPresence:
         self._scripts = {name: redis.register_script(load_script(name)) for name in SCRIPTS}
         #: The hot path's commands (entries written and removed, connections counted) from
         #: concurrent joins and opens go as one pipeline per round trip (redis_batch.py).
-        self._batch = Batcher(redis)
+        self._batch = Batcher.for_backend(redis)
         self._connections = 0
         #: This node's entries, room -> conn_id -> member, so that they can be written again if
         #: Redis loses them.

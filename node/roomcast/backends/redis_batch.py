@@ -23,13 +23,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
+from collections.abc import Awaitable
 from typing import Any
 
 import structlog
+from redis.asyncio.cluster import RedisCluster
 from redis.commands.core import AsyncScript
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, RedisError
 
-from roomcast.backends.broker import BrokerUnavailable
 from roomcast.backends.redis_common import REDIS_FAILURES, RedisHealth
 
 log = structlog.get_logger("roomcast.redis")
@@ -58,39 +61,70 @@ class Batcher:
     """One client's auto-pipeline (``transaction``: each batch a MULTI/EXEC)."""
 
     def __init__(self, client: Any, transaction: bool = False, limit: int = BATCH_LIMIT,
-                 health: RedisHealth | None = None) -> None:
+                 health: RedisHealth | None = None, pipelined: bool = True) -> None:
         self.client = client
         #: Where errors in place are reported: the client's own RedisHealth by default.
         self._health = health if health is not None else getattr(client, "health", None)
         self._transaction = transaction
         self._limit = limit
+        #: False: every command is sent alone, as redis-py would (see for_backend).
+        self._pipelined = pipelined
         self._queue: list[Queued] = []
         self._sender: asyncio.Task[None] | None = None
+        self._closed = False
 
-    def call(self, *command: Any, tag: Any = None) -> asyncio.Future[Any]:
+    @classmethod
+    def for_backend(cls, client: Any) -> Batcher:
+        """The batcher of a backend's hot commands: pipelined on one Redis; on a Redis Cluster
+        each command alone. There a pipeline is split by node and, unlike a single command,
+        neither retries a connection lost nor refreshes the slot map when it fails in place:
+        after a failover, history and presence would keep failing until something else
+        refreshed it."""
+        return cls(client, pipelined=not isinstance(client, RedisCluster))
+
+    def call(self, *command: Any, tag: Any = None) -> Awaitable[Any]:
         """Queue ``command`` (``"SADD", key, member``...); the future gets its reply."""
+        if not self._pipelined:
+            return self.client.execute_command(*command)  # type: ignore[no-any-return]
         return self._enqueue(command, None, tag)
 
     def script(self, script: AsyncScript, keys: list[str], args: list[Any],
-               tag: Any = None) -> asyncio.Future[Any]:
+               tag: Any = None) -> Awaitable[Any]:
         """Queue a run of ``script`` (EVALSHA; routed by its keys on a Redis Cluster)."""
+        if not self._pipelined:
+            return script(keys=keys, args=args)  # Loads the script itself on NOSCRIPT.
         return self._enqueue(("EVALSHA", script.sha, len(keys), *keys, *args), script, tag)
 
     def _enqueue(self, command: tuple[Any, ...], script: AsyncScript | None,
                  tag: Any) -> asyncio.Future[Any]:
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        if self._closed:
+            future.set_exception(_closed())
+            return future
         self._queue.append(Queued(command, script, tag, future))
         if self._sender is None or self._sender.done():
-            self._sender = asyncio.create_task(self._send(), name="redis-batcher")
+            # A fresh context: the sender serves every caller, its log lines none of theirs.
+            self._sender = asyncio.create_task(self._send(), name="redis-batcher",
+                                               context=contextvars.Context())
         return future
 
     async def close(self) -> None:
-        """Stop sending; what is queued or in flight fails with BrokerUnavailable."""
+        """Stop sending: what is queued, in flight or called later fails with a
+        ConnectionError (a Redis failure: 'unavailable', or retried where a caller retries)."""
+        self._closed = True
         if self._sender is not None:
             self._sender.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._sender
             self._sender = None
+        self._fail(self._queue)  # Also if the sender was cancelled before its first step.
+
+    @staticmethod
+    def _fail(queued: list[Queued]) -> None:
+        for item in queued:
+            if not item.future.done():
+                item.future.set_exception(_closed())
+        queued.clear()
 
     async def _send(self) -> None:
         queue = self._queue
@@ -102,10 +136,8 @@ class Batcher:
             try:
                 replies = await self.run(batch)
             except asyncio.CancelledError:
-                for queued in batch + queue:
-                    if not queued.future.done():
-                        queued.future.set_exception(BrokerUnavailable("redis client is closed"))
-                queue.clear()
+                self._fail(batch)
+                self._fail(queue)
                 raise
             except Exception as exc:  # Task boundary: each command gets the failure.
                 if not isinstance(exc, REDIS_FAILURES):
@@ -121,15 +153,19 @@ class Batcher:
 
     async def run(self, batch: list[Queued]) -> list[Any]:
         """The batch's replies (or errors), in order; the commands ``rerunnable`` names run
-        again once their scripts are loaded."""
+        again once their scripts are loaded. If that fails, it fails those commands alone:
+        the others ran."""
         replies = await self.pipeline(batch)
         which = self.rerunnable(batch, replies)
         if which:
-            scripts = {id(batch[i].script): batch[i].script for i in which}
-            for script in scripts.values():
-                assert script is not None
-                await self.client.script_load(script.script)
-            again = await self.pipeline([batch[i] for i in which])
+            try:
+                scripts = {id(batch[i].script): batch[i].script for i in which}
+                for script in scripts.values():
+                    assert script is not None
+                    await self.client.script_load(script.script)
+                again = await self.pipeline([batch[i] for i in which])
+            except REDIS_FAILURES as exc:
+                again = [exc] * len(which)
             for i, reply in zip(which, again, strict=True):
                 replies[i] = reply
         return replies
@@ -152,3 +188,7 @@ class Batcher:
                 if isinstance(reply, RedisError):
                     self._health.failed(reply, str(queued.command[0]))
         return replies
+
+
+def _closed() -> RedisConnectionError:
+    return RedisConnectionError("redis client is closed")

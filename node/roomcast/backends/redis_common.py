@@ -294,18 +294,21 @@ def connect(
     (default --redis-pool-size); a command that finds them all busy waits up to
     --redis-timeout for one instead of failing at once, so a burst of requests queues for
     Redis rather than getting 'unavailable'. The command client (shared by broker, history and
-    presence) retries once on a fresh connection: that absorbs a pooled socket left stale by a
-    Redis restart; anything longer is the pub/sub reader's backoff loop, so that an outage shows
-    as one. The pub/sub client takes ``retries=0``: redis-py would otherwise reconnect a lost
-    pub/sub connection silently and resubscribe, and whatever was published in between would
-    never be refilled (recovery.py). Connections are named ``roomcast:<node_id>:<role>``
+    presence) retries once on a fresh connection after a ConnectionError: that absorbs a pooled
+    socket left stale by a Redis restart; anything longer is the pub/sub reader's backoff loop,
+    so that an outage shows as one. A timeout is not retried: the command (or a whole pipeline,
+    redis_batch.py) may have run, and sending it again would run it twice. The pub/sub client
+    takes ``retries=0``: redis-py would otherwise reconnect a lost pub/sub connection silently
+    and resubscribe, and whatever was published in between would never be refilled
+    (recovery.py). Connections are named ``roomcast:<node_id>:<role>``
     (CLIENT LIST shows whose they are). With ``health``, every failed command is reported there.
     ``url`` is one shard's of several (client-side sharding); default: the one --redis-url.
     """
     assert config.redis_url is not None
+    settings = _settings(config, retries, role, pool_size)
+    settings["retry"] = Retry(NoBackoff(), retries, supported_errors=(RedisConnectionError,))
     pool = aioredis.BlockingConnectionPool.from_url(
-        url or config.redis_urls[0], timeout=config.redis_timeout,
-        **_settings(config, retries, role, pool_size))
+        url or config.redis_urls[0], timeout=config.redis_timeout, **settings)
     client = _ObservedRedis.from_pool(pool)  # The client owns the pool: aclose() closes both.
     assert isinstance(client, _ObservedRedis)
     client.health = health
