@@ -16,7 +16,12 @@ later one. A NOSCRIPT reply (Redis lost its scripts: a restart, SCRIPT FLUSH) lo
 and runs those commands again (``Batcher.rerunnable``; the broker's publish queue, where that
 order matters across a batch, has its own rule).
 
-Pub/sub connections never batch: they are not command connections (redis_pubsub.py).
+On a Redis Cluster the backends' batchers send each command alone (``Batcher.for_backend``):
+redis-py's cluster pipeline neither retries a lost connection nor refreshes its slot map when a
+command fails in place. The broker's publish queue pipelines there too (its own rules,
+broker_redis._PublishQueue). A closed batcher fails what it holds, and every later call, with a
+ConnectionError. Pub/sub connections never batch: they are not command connections
+(redis_pubsub.py).
 """
 
 from __future__ import annotations

@@ -73,7 +73,8 @@ MAX_IDENTITY_LENGTH = 64
 #: holds in the node while its round trips to Redis overlap. The count is what lets a burst of
 #: small messages reach Redis, and the other nodes, in a few large batches, one flush to every
 #: member each (docs/BENCHMARKS.md, "the publish window"); the bytes keep large messages to a
-#: few dozen (1 MiB / --max-message-size).
+#: few dozen (1 MiB / --max-message-size). A text frame counts its characters, which is what it
+#: holds in memory up to CPython's 4 bytes per character of non-Latin-1 text.
 PUBLISH_WINDOW = 1024
 PUBLISH_WINDOW_BYTES = 1 << 20
 FASTAPI_PREFIX = "/ws/chat/"
