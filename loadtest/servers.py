@@ -173,26 +173,44 @@ def start_redis(logdir: Path, timeout: float) -> ServerProcess:
     return _start("redis", "redis", argv, logdir, b"PING\r\n", b"+PONG", timeout)
 
 
-def start_reference(processes: int, logdir: Path, timeout: float, cluster: bool) -> Deployment:
-    """The bare reference: one process, or ``processes`` sharing a fresh redis-server (the
-    bare cluster a roomcast cluster is measured beside)."""
+def _deploy(
+    target: str, dialect: str, count: int, path: str, logdir: Path, timeout: float,
+    cluster: bool, start_one: Callable[[int, str | None], ServerProcess],
+) -> Deployment:
+    """``start_one(index, redis_url)`` for ``count`` processes sharing a fresh redis-server
+    (``cluster``), or for one without Redis; every process started is stopped if one fails.
+    Subscribers spread over the processes' ``ws://127.0.0.1:PORT<path>``."""
     started: list[ServerProcess] = []
     try:
         redis_url = shared_redis(started, logdir, timeout) if cluster else None
-        for index in range(processes if cluster else 1):
-            def argv(port: int) -> list[str]:
-                cmd = [sys.executable, "-m", "loadtest.reference_server", "--port", str(port)]
-                return cmd + (["--redis-url", redis_url] if redis_url else [])
-
-            name = f"reference-{index}" if cluster else "reference"
-            started.append(_start(name, "reference", argv, logdir, b"", b"", timeout))
+        for index in range(count if cluster else 1):
+            started.append(start_one(index, redis_url))
     except BaseException:
-        Deployment("", "reference", [], "", started).stop()
+        Deployment("", dialect, [], "", started).stop()
         raise
-    procs = [p for p in started if p.role == "reference"]
-    urls = [f"ws://127.0.0.1:{p.port}/" for p in procs]
+    procs = [p for p in started if p.role != "redis"]
+    urls = [f"ws://127.0.0.1:{p.port}{path}" for p in procs]
+    return Deployment(target, dialect, urls, urls[0], started, idle_pid=procs[0].pid)
+
+
+def _with_redis(cmd: list[str], redis_url: str | None) -> list[str]:
+    return cmd + (["--redis-url", redis_url] if redis_url else [])
+
+
+def start_reference(processes: int, logdir: Path, timeout: float, cluster: bool) -> Deployment:
+    """The bare reference: one process, or ``processes`` sharing a fresh redis-server (the
+    bare cluster a roomcast cluster is measured beside)."""
+
+    def start_one(index: int, redis_url: str | None) -> ServerProcess:
+        def argv(port: int) -> list[str]:
+            return _with_redis([sys.executable, "-m", "loadtest.reference_server", "--port",
+                                str(port)], redis_url)
+
+        name = f"reference-{index}" if cluster else "reference"
+        return _start(name, "reference", argv, logdir, b"", b"", timeout)
+
     target = "reference-cluster" if cluster else "reference"
-    return Deployment(target, "reference", urls, urls[0], started, idle_pid=procs[0].pid)
+    return _deploy(target, "reference", processes, "/", logdir, timeout, cluster, start_one)
 
 
 def shared_redis(started: list[ServerProcess], logdir: Path, timeout: float) -> str:
@@ -207,19 +225,13 @@ def start_roomcast(
     nodes: int, logdir: Path, extra: list[str], timeout: float, cluster: bool
 ) -> Deployment:
     """One embedded node, or ``nodes`` nodes sharing a fresh redis-server (a unique prefix)."""
-    started: list[ServerProcess] = []
-    try:
-        redis_url = shared_redis(started, logdir, timeout) if cluster else None
-        prefix = f"bench-{secrets.token_hex(3)}"
-        for index in range(nodes if cluster else 1):
-            started.append(start_node(index, logdir, redis_url, extra, timeout, prefix))
-    except BaseException:
-        Deployment("", "native", [], "", started).stop()
-        raise
-    node_procs = [p for p in started if p.role == "node"]
-    urls = [f"ws://127.0.0.1:{p.port}/ws" for p in node_procs]
+    prefix = f"bench-{secrets.token_hex(3)}"
+
+    def start_one(index: int, redis_url: str | None) -> ServerProcess:
+        return start_node(index, logdir, redis_url, extra, timeout, prefix)
+
     target = "roomcast-cluster" if cluster else "roomcast-embedded"
-    return Deployment(target, "native", urls, urls[0], started, idle_pid=node_procs[0].pid)
+    return _deploy(target, "native", nodes, "/ws", logdir, timeout, cluster, start_one)
 
 
 def start_socketio(
@@ -233,23 +245,17 @@ def start_socketio(
     if node is None:
         raise StartError("node is not installed (--socketio needs Node.js 18+)")
     env = {"NODE_PATH": str(node_modules), "NODE_ENV": "production"}
-    started: list[ServerProcess] = []
-    try:
-        redis_url = shared_redis(started, logdir, timeout) if cluster else None
-        for index in range(processes if cluster else 1):
-            def argv(port: int) -> list[str]:
-                cmd = [node, str(SOCKETIO_SERVER), "--host", "127.0.0.1", "--port", str(port)]
-                return cmd + (["--redis-url", redis_url] if redis_url else [])
 
-            started.append(_start(f"socketio-{index}", "socketio", argv, logdir, READY_PROBE,
-                                  b"HTTP/1.1 200", timeout, env))
-    except BaseException:
-        Deployment("", "socketio", [], "", started).stop()
-        raise
-    procs = [p for p in started if p.role == "socketio"]
-    urls = [f"ws://127.0.0.1:{p.port}{sio.PATH}" for p in procs]
+    def start_one(index: int, redis_url: str | None) -> ServerProcess:
+        def argv(port: int) -> list[str]:
+            return _with_redis([node, str(SOCKETIO_SERVER), "--host", "127.0.0.1", "--port",
+                                str(port)], redis_url)
+
+        return _start(f"socketio-{index}", "socketio", argv, logdir, READY_PROBE,
+                      b"HTTP/1.1 200", timeout, env)
+
     target = "socketio-cluster" if cluster else "socketio"
-    return Deployment(target, "socketio", urls, urls[0], started, idle_pid=procs[0].pid)
+    return _deploy(target, "socketio", processes, sio.PATH, logdir, timeout, cluster, start_one)
 
 
 def external(urls: list[str], dialect: str, pids: list[int]) -> Deployment:
