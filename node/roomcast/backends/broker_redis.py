@@ -586,10 +586,9 @@ class _PublishQueue(Batcher):
 
     def __init__(self, client: Any, sharded: bool, health: RedisHealth) -> None:
         super().__init__(client, transaction=not sharded, limit=PUBLISH_BATCH, health=health)
-        self._sharded = sharded
 
     def rerunnable(self, batch: list[Queued], replies: list[Any]) -> list[int]:
-        if not self._sharded:
+        if self._transaction:  # One Redis: every NOSCRIPT call, as the base class does.
             return super().rerunnable(batch, replies)
         ran_later: set[str] = set()
         keep = []

@@ -258,14 +258,18 @@ class _ObservedRedisCluster(RedisCluster):
         return pipe
 
 
-def _settings(config: Config, retries: int, role: str, pool_size: int | None) -> dict[str, Any]:
-    """What every Redis client of the node is made with (see connect)."""
+def _settings(config: Config, retries: int, role: str, pool_size: int | None,
+              retry_on: tuple[type[RedisError], ...] | None = None) -> dict[str, Any]:
+    """What every Redis client of the node is made with (see connect); ``retry_on``: the
+    errors its retries are for (default: redis-py's, connection errors and timeouts)."""
+    retry = (Retry(NoBackoff(), retries) if retry_on is None
+             else Retry(NoBackoff(), retries, supported_errors=retry_on))
     return {
         "max_connections": pool_size or config.redis_pool_size,
         "socket_connect_timeout": config.redis_connect_timeout,
         "socket_timeout": config.redis_timeout,
         "health_check_interval": HEALTH_CHECK_INTERVAL,
-        "retry": Retry(NoBackoff(), retries),
+        "retry": retry,
         "client_name": f"roomcast:{config.node_id}:{role}",
     }
 
@@ -305,10 +309,9 @@ def connect(
     ``url`` is one shard's of several (client-side sharding); default: the one --redis-url.
     """
     assert config.redis_url is not None
-    settings = _settings(config, retries, role, pool_size)
-    settings["retry"] = Retry(NoBackoff(), retries, supported_errors=(RedisConnectionError,))
     pool = aioredis.BlockingConnectionPool.from_url(
-        url or config.redis_urls[0], timeout=config.redis_timeout, **settings)
+        url or config.redis_urls[0], timeout=config.redis_timeout,
+        **_settings(config, retries, role, pool_size, retry_on=(RedisConnectionError,)))
     client = _ObservedRedis.from_pool(pool)  # The client owns the pool: aclose() closes both.
     assert isinstance(client, _ObservedRedis)
     client.health = health
