@@ -10,7 +10,7 @@ import pytest
 import redis
 
 from roomcast.backends.keys import Keys, shard
-from tests.harness import NodeProcess, RedisServer, native, running_redis, wait_for
+from tests.harness import Client, NodeProcess, RedisServer, native, running_redis, wait_for
 
 FLAGS = ("--rate-limit", "10000", "--rate-burst", "10000")
 
@@ -33,6 +33,22 @@ def rooms_per_shard(shards: int, each: int) -> list[str]:
     return [name for index in range(shards) for name in picked[index]]
 
 
+async def two_nodes_on_two_shards(
+    first: RedisServer, second: RedisServer, start_node: Callable[..., NodeProcess],
+    rooms: list[str], *, publisher_joins: bool,
+) -> tuple[NodeProcess, Client, Client]:
+    """Nodes a and b sharing the two Redis as shards, 'pub' on a and 'sub' on b; 'sub' joined
+    to every room of ``rooms`` (and 'pub' too, with ``publisher_joins``). Returns b, pub, sub."""
+    url = f"{first.url},{second.url}"
+    a, b = start_node(url, *FLAGS), start_node(url, *FLAGS)
+    pub, sub = await native(a, "pub"), await native(b, "sub")
+    for room in rooms:
+        await sub.request({"type": "join", "room": room, "id": f"j{room}"})
+        if publisher_joins:
+            await pub.request({"type": "join", "room": room, "id": f"k{room}"})
+    return b, pub, sub
+
+
 async def test_rooms_on_every_shard_deliver_every_ack_once_in_order_and_keep_their_history(
     redis_server: RedisServer, second_redis: RedisServer,
     start_node: Callable[..., NodeProcess],
@@ -40,13 +56,9 @@ async def test_rooms_on_every_shard_deliver_every_ack_once_in_order_and_keep_the
     """Two nodes on two Redis shards: a publisher on a and a member on b in rooms of both
     shards; every acked message arrives once, in order; each room's stream is on its own
     shard's Redis only; presence (on the first) lists both nodes' members."""
-    url = f"{redis_server.url},{second_redis.url}"
-    a, b = start_node(url, *FLAGS), start_node(url, *FLAGS)
-    pub, sub = await native(a, "pub"), await native(b, "sub")
     rooms = rooms_per_shard(2, 2)
-    for room in rooms:
-        await sub.request({"type": "join", "room": room, "id": f"j{room}"})
-        await pub.request({"type": "join", "room": room, "id": f"k{room}"})
+    _, pub, sub = await two_nodes_on_two_shards(redis_server, second_redis, start_node, rooms,
+                                                publisher_joins=True)
     acked: dict[str, list[int]] = {room: [] for room in rooms}
     for i in range(200):
         room = rooms[i % len(rooms)]
@@ -79,12 +91,9 @@ async def test_a_shards_lost_pubsub_connection_is_refilled_from_that_shard(
     """CLIENT KILL of node b's pub/sub connection on the second shard while a publisher keeps
     going: b reconnects every shard, refills, and its member gets every acked message of the
     rooms of both shards once, in order."""
-    url = f"{redis_server.url},{second_redis.url}"
-    a, b = start_node(url, *FLAGS), start_node(url, *FLAGS)
-    pub, sub = await native(a, "pub"), await native(b, "sub")
     rooms = rooms_per_shard(2, 1)
-    for room in rooms:
-        await sub.request({"type": "join", "room": room, "id": f"j{room}"})
+    b, pub, sub = await two_nodes_on_two_shards(redis_server, second_redis, start_node, rooms,
+                                                publisher_joins=False)
     acked: list[tuple[str, int]] = []
 
     async def publish(values: range) -> None:
