@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import collections
 import fnmatch
+import re
 from dataclasses import dataclass
 from typing import Any, Final
 from urllib.parse import parse_qs, urlsplit
@@ -49,6 +50,16 @@ REASONS: Final = {200: "OK", 202: "Accepted", 400: "Bad Request", 401: "Unauthor
                   403: "Forbidden", 404: "Not Found", 405: "Method Not Allowed",
                   413: "Content Too Large", 429: "Too Many Requests",
                   431: "Request Header Fields Too Large", 503: "Service Unavailable"}
+
+#: Heads that python-websockets' Request.parse surely takes, matched in one pass: a GET of an
+#: ASCII target over HTTP/1.1 and at most 128 well-formed header lines (its own token and value
+#: classes, http11.py), the whole no longer than one of its lines may be (8 KiB). A head that
+#: does not match, or that names a body, gets the full parse (``screen_head``).
+_PLAIN_GET: Final = re.compile(
+    rb"GET [\x21-\x7e]+ HTTP/1\.1\r\n"
+    rb"(?:[-!#$%&'*+.^_`|~0-9a-zA-Z]+:[\x09\x20-\x7e\x80-\xff]*\r\n){0,128}\r\n")
+_PLAIN_GET_MAX: Final = 8192
+_BODY_HEADERS: Final = re.compile(rb"\r\n(?:content-length|transfer-encoding)[ \t]*:", re.I)
 
 #: Addresses whose handshake buckets are kept; the least recently seen go first beyond it, so
 #: that a scan from many addresses costs bounded memory (a forgotten bucket starts full again).
@@ -97,6 +108,14 @@ def screen_head(head: bytes) -> tuple[int, str] | None:
     """
     if len(head) > MAX_HEAD:
         return 431, f"the request head is larger than {MAX_HEAD} bytes"
+    if (len(head) <= _PLAIN_GET_MAX and _PLAIN_GET.fullmatch(head)
+            and not _BODY_HEADERS.search(head)):
+        return None  # The usual upgrade: what parse_verdict would say, in one match.
+    return parse_verdict(head)
+
+
+def parse_verdict(head: bytes) -> tuple[int, str] | None:
+    """``screen_head``'s verdict from the library's own parser (``Request.parse``)."""
     reader = StreamReader()
     reader.feed_data(head)
     reader.feed_eof()
