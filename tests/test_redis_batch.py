@@ -5,11 +5,14 @@ leaving callers waiting, and a NOSCRIPT rerun that fails fails only the commands
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 
 import pytest
 import redis.asyncio as aioredis
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import ResponseError
+from redis.exceptions import ExecAbortError, ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from roomcast.backends.redis_batch import Batcher
 from tests.harness import RedisServer
@@ -86,3 +89,63 @@ async def test_a_failed_script_reload_fails_only_the_commands_it_would_have_reru
         assert await redis_client.get("plain") == b"1"
     finally:
         await limited.aclose()
+
+
+async def test_a_transaction_refused_as_queued_runs_nothing_and_says_why(
+    redis_client: aioredis.Redis,
+) -> None:
+    """A MULTI/EXEC batch (the publish queue's kind) with a command Redis refuses as it is
+    queued (wrong arity) runs none of them: that command gets its own error, the others the
+    EXECABORT; a command that fails as it runs (INCR of a list) fails alone, in place."""
+    batcher = Batcher(redis_client, transaction=True)
+    calls = [batcher.call("INCR", "t"), batcher.call("INCR"), batcher.call("INCR", "t")]
+    results = await asyncio.gather(*calls, return_exceptions=True)
+    assert all(isinstance(result, ResponseError) for result in results)
+    assert isinstance(results[0], ExecAbortError) and isinstance(results[2], ExecAbortError)
+    assert not isinstance(results[1], ExecAbortError)
+    assert "wrong number of arguments" in str(results[1])
+    assert await redis_client.get("t") is None
+    await redis_client.rpush("t-list", "x")
+    calls = [batcher.call("INCR", "t"), batcher.call("INCR", "t-list"), batcher.call("INCR", "t")]
+    first, refused, last = await asyncio.gather(*calls, return_exceptions=True)
+    assert (first, last) == (1, 2)
+    assert isinstance(refused, ResponseError) and "WRONGTYPE" in str(refused)
+
+
+async def test_a_batch_after_a_redis_restart_is_sent_again_on_a_fresh_connection(
+    redis_server: RedisServer,
+) -> None:
+    """The batcher's own connection is left dead by a restart: its next batch fails on it with
+    a ConnectionError and goes once more on a fresh connection, so the caller gets its reply
+    and the command runs once."""
+    client = aioredis.Redis.from_url(redis_server.url, socket_timeout=5)
+    try:
+        batcher = Batcher(client)
+        assert await batcher.call("INCR", "r") == 1
+        redis_server.kill()
+        redis_server.start()
+        assert await asyncio.wait_for(batcher.call("INCR", "r"), 10) == 1
+        assert await client.get("r") == b"1"
+        await batcher.close()
+    finally:
+        await client.aclose()
+
+
+async def test_a_batch_that_timed_out_is_not_sent_again(redis_server: RedisServer) -> None:
+    """Redis stalls (SIGSTOP) past the socket timeout: the batch fails with a timeout, and is
+    not sent a second time (it may have run): once Redis goes on, it has run exactly once."""
+    assert redis_server.proc is not None
+    client = aioredis.Redis.from_url(redis_server.url, socket_timeout=0.5)
+    try:
+        batcher = Batcher(client)
+        assert await batcher.call("INCR", "s") == 1
+        os.kill(redis_server.proc.pid, signal.SIGSTOP)
+        try:
+            with pytest.raises(RedisTimeoutError):
+                await asyncio.wait_for(batcher.call("INCR", "s"), 10)
+        finally:
+            os.kill(redis_server.proc.pid, signal.SIGCONT)
+        assert await batcher.call("INCR", "s") == 3  # The stalled one ran once, then this.
+        await batcher.close()
+    finally:
+        await client.aclose()
