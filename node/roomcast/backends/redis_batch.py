@@ -227,10 +227,11 @@ class _Wire:
     """A batcher's own connection to one Redis: a batch is one write and one read.
 
     The connection is redis-py's (made by the client's pool with its settings, so connecting,
-    AUTH, the client name and the idle health check are the library's); the replies are taken
-    from its hiredis reader as they come, the errors among them in place (NOSCRIPT as
-    NoScriptError). Uses two internals of redis-py's hiredis parser (its reader and
-    read_from_socket), pinned with the library's minor version (pyproject.toml).
+    AUTH, the client name and the idle health check are the library's); the batch is written
+    to its stream and the replies taken from its hiredis reader as they come, the errors among
+    them in place (NOSCRIPT as NoScriptError). Uses internals of redis-py's connection (its
+    stream writer) and hiredis parser (its reader and read_from_socket), pinned with the
+    library's minor version (pyproject.toml).
     """
 
     def __init__(self, client: Redis) -> None:
@@ -261,14 +262,19 @@ class _Wire:
 
     @staticmethod
     async def _exchange(conn: AbstractConnection, payload: bytes, count: int) -> list[Any]:
-        await conn.send_packed_command(payload)  # Connects and health-checks when due.
-        parser = conn._parser
-        if not isinstance(parser, _AsyncHiredisParser) or parser._reader is None:
+        if not conn.is_connected:
+            await conn.connect()  # type: ignore[no-untyped-call]
+        # A PING first when it was idle past the interval (redis-py's rule).
+        await conn.check_health()  # type: ignore[no-untyped-call]
+        parser, writer = conn._parser, conn._writer
+        if not isinstance(parser, _AsyncHiredisParser) or parser._reader is None or not writer:
             raise RedisConnectionError("the batcher needs redis-py's hiredis parser")
         reader = parser._reader
         replies: list[Any] = []
         try:
             async with asyncio.timeout(conn.socket_timeout):
+                writer.write(payload)
+                await writer.drain()
                 while len(replies) < count:
                     reply = reader.gets()
                     if reply is NOT_ENOUGH_DATA:
@@ -278,7 +284,12 @@ class _Wire:
                         raise reply
                     replies.append(reply)
         except TimeoutError:
-            raise RedisTimeoutError("Timeout reading from socket") from None
+            raise RedisTimeoutError("Timeout talking to Redis") from None
+        except OSError as exc:
+            raise RedisConnectionError(f"Error talking to Redis: {exc}") from exc
+        if conn.health_check_interval:  # It answered: no PING needed for another interval.
+            conn.next_health_check = asyncio.get_running_loop().time() + \
+                conn.health_check_interval
         return replies
 
     async def close(self) -> None:
