@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import signal
 import time
 from collections.abc import Callable
 from typing import Any
@@ -13,6 +14,7 @@ import jwt
 import pytest
 from websockets.exceptions import InvalidStatus
 
+from roomcast import app
 from tests.harness import Client, NodeProcess, RedisServer, barrier, native
 
 SECRET = "limits-test-secret-0123456789-abcdefghij"
@@ -273,3 +275,42 @@ async def test_typing_burst_is_throttled_not_refused(start_node: StartNode, dial
         await typist.send({"type": "ping"})
         assert await typist.expect("pong") == {"type": "pong"}
     assert typist.ws.close_code is None
+
+
+async def test_a_connect_storm_at_a_stalled_node_is_queued_by_its_backlog(
+        start_node: StartNode) -> None:
+    """200 TCP connects reach a node that is not accepting (SIGSTOP, as under a busy loop): with
+    --backlog 256 the kernel completes and queues every one of them, where asyncio's default
+    backlog of 100 would drop the SYNs past it (the clients retry after 1 s, 3 s, ...). Once
+    the node goes on it serves them."""
+    if (somaxconn := app.somaxconn()) is not None and somaxconn < 256:
+        pytest.fail(f"net.core.somaxconn is {somaxconn} here: the kernel caps any backlog at it")
+    node = start_node(None, "--backlog", "256")
+    node.signal(signal.SIGSTOP)
+    opened: list[asyncio.StreamWriter] = []
+    try:
+        async def connect() -> None:
+            _, writer = await asyncio.open_connection("127.0.0.1", node.port)
+            opened.append(writer)
+
+        await asyncio.wait_for(asyncio.gather(*(connect() for _ in range(200))), 10)
+    finally:
+        node.signal(signal.SIGCONT)
+    assert len(opened) == 200
+    for writer in opened:
+        writer.close()
+    client = await native(node, "after-storm")
+    await works(client)
+    await client.close()
+
+
+def test_a_backlog_above_the_kernel_cap_is_logged(start_node: StartNode) -> None:
+    """The kernel caps every listen backlog at net.core.somaxconn: a node asked for more says
+    so at start, with the sysctl that lifts it."""
+    somaxconn = app.somaxconn()
+    if somaxconn is None:
+        pytest.fail("no /proc/sys/net/core/somaxconn: the node runs on Linux")
+    node = start_node(None, "--backlog", str(somaxconn + 1))
+    [warning] = node.logged("listen backlog capped by net.core.somaxconn")
+    assert (warning["backlog"], warning["somaxconn"]) == (somaxconn + 1, somaxconn)
+    assert "sysctl" in warning["fix"]

@@ -33,6 +33,18 @@ from roomcast.transports.writer import FrameWriter, SessionFanout
 
 log = structlog.get_logger("roomcast.node")
 
+#: Where Linux keeps the cap on every listen backlog.
+SOMAXCONN = "/proc/sys/net/core/somaxconn"
+
+
+def somaxconn() -> int | None:
+    """The kernel's cap on listen backlogs (None where there is no such file: not Linux)."""
+    try:
+        with open(SOMAXCONN) as f:
+            return int(f.read().strip())
+    except (OSError, ValueError):
+        return None
+
 
 class Node:
     """One roomcast node. ``await node.start()``, then ``await node.run()`` until a signal."""
@@ -111,9 +123,15 @@ class Node:
             server_header="roomcast",
             # Charges each frame to the rate limit as it arrives (transports/websocket.py).
             create_connection=self.websocket.connection_class,
+            backlog=cfg.backlog,
         )
         sockname = next(iter(self.server.sockets)).getsockname()
         self.port = sockname[1]
+        capped = somaxconn()
+        if capped is not None and capped < cfg.backlog:
+            log.warning("listen backlog capped by net.core.somaxconn", backlog=cfg.backlog,
+                        somaxconn=capped, fix="sysctl -w net.core.somaxconn=<backlog> (a pod: "
+                        "securityContext.sysctls)")
         self.api_port = await self.api.start()
         self._accepting = True
         self.metrics.ready.set(1)

@@ -168,6 +168,11 @@ class Config:
         "room is in the default namespace."
     )
     # Connection limits.
+    backlog: int = _opt(
+        2048, "Connections the kernel queues for the node before it accepts them (the listen "
+        "backlog, capped by net.core.somaxconn); past it the SYNs of a connect storm are dropped "
+        "and clients retry after 1 s or more."
+    )
     max_connections: int = _opt(
         0, "Connections this node accepts; a handshake past it gets HTTP 503 (the balancer "
         "tries another node). 0 = no limit."
@@ -260,6 +265,7 @@ class Config:
         """(field, valid?, what a valid value is) for every constrained setting."""
         rules: list[tuple[str, bool, str]] = [
             ("port", 0 <= self.port <= 65535, "must be from 0 to 65535"),
+            ("backlog", self.backlog >= 1, "must be at least 1"),
             ("max_message_size", self.max_message_size >= 256, "must be at least 256 bytes"),
             ("max_send_buffer", self.max_send_buffer >= 1024, "must be at least 1024 bytes"),
             ("rate_burst", self.rate_burst >= 1, "must be at least 1"),
