@@ -184,6 +184,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     gen.add_argument("--concurrency", type=_positive_int, default=100,
                      help="connection handshakes in flight per load-generator process "
                      "(default: 100)")
+    gen.add_argument("--backlog", type=_positive_int, default=servers.DEFAULT_BACKLOG,
+                     help="listen backlog of every server started: the roomcast nodes "
+                     "(--backlog), the reference and socket.io, so that a connect storm meets "
+                     "the same kernel queue in each (default: "
+                     f"{servers.DEFAULT_BACKLOG}, the node's own)")
     gen.add_argument("--connect-timeout", type=float, default=60.0,
                      help="seconds for all subscribers to connect and join (default: 60)")
     gen.add_argument("--drain-timeout", type=float, default=5.0,
@@ -410,6 +415,7 @@ class Bench:
             "connected": conn["ok"], "connect_failed": conn["failed"],
             "connect_s": round(conn["seconds"], 3), "connect_server_cpu_s": conn["server_cpu_s"],
             "connect_generator_max_core_pct": conn["generator_max_core_pct"],
+            "connect_listen_overflows": conn["listen_overflows"],
             "join_messages": conn["join_messages"],
             "setup_s": round(setup_s, 2), "publish_s": round(publish_s, 3),
             "measured_s": round(wall, 3),
@@ -441,7 +447,9 @@ class Bench:
         generators = [w.pid for w in self.workers]
         server0 = {pid: procstat.cpu_seconds(pid) for _, pid in dep.measured()}
         gen0 = {pid: procstat.cpu_seconds(pid) for pid in generators}
+        overflows0 = procstat.listen_overflows()
         conn = await self.connect(dep, urls, count, True, run_id)
+        overflows1 = procstat.listen_overflows()
         server1 = {pid: procstat.cpu_seconds(pid) for _, pid in dep.measured()}
         gen1 = {pid: procstat.cpu_seconds(pid) for pid in generators}
         if conn["ok"] == 0:
@@ -453,9 +461,13 @@ class Bench:
         busiest = max(((gen1[pid] or 0.0) - (gen0[pid] or 0.0) for pid in generators),
                       default=0.0)
         conn["generator_max_core_pct"] = round(100 * busiest / conn["seconds"], 1)
+        conn["listen_overflows"] = (None if overflows0 is None or overflows1 is None
+                                    else overflows1 - overflows0)
+        dropped = (f", {conn['listen_overflows']} SYNs dropped by a full listen backlog"
+                   if conn["listen_overflows"] else "")
         say(f"{dep.target}: {conn['ok']} subscribers connected and joined in "
             f"{conn['seconds']:.2f} s (servers {conn['server_cpu_s']:.2f} CPU-s, busiest load "
-            f"generator {conn['generator_max_core_pct']:.0f}% of a core)")
+            f"generator {conn['generator_max_core_pct']:.0f}% of a core{dropped})")
         if conn["generator_max_core_pct"] > report.GENERATOR_LIMIT:
             warnings.append("the load generator was the bottleneck while connecting: connect + "
                             "join time is the generator's limit, not the server's")
@@ -539,6 +551,7 @@ class Bench:
                        cpu1: dict[int, tuple[float, float] | None],
                        delivered: int) -> dict[str, Any]:
         procs: list[dict[str, Any]] = []
+        argv = {p.pid: [str(arg) for arg in p.proc.args] for p in dep.processes}
         for name, pid in dep.measured():
             before, after = cpu0.get(pid), cpu1.get(pid)
             user = sys_ = None
@@ -547,7 +560,7 @@ class Bench:
             procs.append({"name": name, "pid": pid,
                           "cpu_s": None if user is None or sys_ is None else user + sys_,
                           "user_s": user, "sys_s": sys_,
-                          "peak_rss_kib": procstat.peak_rss_kib(pid)})
+                          "peak_rss_kib": procstat.peak_rss_kib(pid), "argv": argv.get(pid)})
 
         def total(key: str) -> float | None:
             values = [p[key] for p in procs]
@@ -596,17 +609,18 @@ class Bench:
         if which == "reference":
             over_redis = a.target == "roomcast-cluster" and not a.reference_alone
             dep = await asyncio.to_thread(servers.start_reference, a.nodes if over_redis else 1,
-                                          self.logdir, timeout, over_redis)
+                                          self.logdir, timeout, over_redis, a.backlog)
         elif which == "url":
             return servers.external(a.url, a.dialect, a.pid)
         elif which == "socketio":
             assert self.node_modules is not None
             dep = await asyncio.to_thread(
                 servers.start_socketio, a.nodes, self.logdir, timeout,
-                a.target == "roomcast-cluster", self.node_modules)
+                a.target == "roomcast-cluster", self.node_modules, a.backlog)
         else:
             dep = await asyncio.to_thread(
-                servers.start_roomcast, a.nodes, self.logdir, a.node_arg, timeout,
+                servers.start_roomcast, a.nodes, self.logdir,
+                ["--backlog", str(a.backlog), *a.node_arg], timeout,
                 which == "roomcast-cluster")
         pids = ", ".join(f"{p.name} pid {p.pid} port {p.port}" for p in dep.processes)
         say(f"{dep.target}: started {pids}")

@@ -44,6 +44,21 @@ def status_line(path: str, key: str) -> int | None:
     return None
 
 
+def listen_overflows() -> int | None:
+    """Connections the kernel dropped since boot because a listen backlog was full (TcpExt
+    ListenOverflows in /proc/net/netstat: each one a SYN the client sends again after 1 s or
+    more); None where there is no such counter."""
+    try:
+        lines = Path("/proc/net/netstat").read_text().splitlines()
+    except OSError:
+        return None
+    for names, values in zip(lines[::2], lines[1::2], strict=False):
+        if names.startswith("TcpExt:"):
+            row = dict(zip(names.split()[1:], values.split()[1:], strict=False))
+            return int(row["ListenOverflows"]) if "ListenOverflows" in row else None
+    return None
+
+
 def rss_kib(pid: int) -> int | None:
     """Resident memory now (VmRSS)."""
     return status_line(f"/proc/{pid}/status", "VmRSS")

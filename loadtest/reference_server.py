@@ -67,7 +67,8 @@ def _is_publish(frame: str) -> bool:
     return isinstance(message, dict) and message.get("type") == "publish"
 
 
-async def serve_forever(host: str, port: int, redis_url: str | None = None) -> None:
+async def serve_forever(host: str, port: int, redis_url: str | None = None,
+                        backlog: int = 100) -> None:
     """Serve until SIGTERM or SIGINT; over Redis with ``redis_url``, once subscribed."""
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
@@ -80,7 +81,7 @@ async def serve_forever(host: str, port: int, redis_url: str | None = None) -> N
         relaying = asyncio.create_task(relay(redis, subscribed))
         await subscribed.wait()
     async with serve(functools.partial(handler, redis=redis), host, port,
-                     compression=None) as server:
+                     compression=None, backlog=backlog) as server:
         bound = next(iter(server.sockets)).getsockname()[1]
         print(f"listening on ws://{host}:{bound}", flush=True)
         await stop.wait()
@@ -98,6 +99,8 @@ def main(argv: Sequence[str] | None = None) -> None:
                         "(default: 127.0.0.1)")
     parser.add_argument("--port", type=int, default=8765,
                         help="TCP port; 0 picks a free one (default: 8765)")
+    parser.add_argument("--backlog", type=int, default=100,
+                        help="listen backlog (default: 100, asyncio's)")
     parser.add_argument("--redis-url", default=None,
                         help="publish through this Redis, and broadcast what it carries: one "
                         "process of a bare cluster (default: alone, no Redis)")
@@ -105,7 +108,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     import uvloop
 
     try:
-        uvloop.run(serve_forever(args.host, args.port, args.redis_url))
+        uvloop.run(serve_forever(args.host, args.port, args.redis_url, args.backlog))
     except OSError as exc:
         print(f"reference_server: {exc}", file=sys.stderr)
         sys.exit(1)

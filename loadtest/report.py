@@ -101,6 +101,7 @@ def _column(run: Run) -> list[str]:
     return [
         _connected(run),
         num(run.get("connect_s"), 2),
+        num(run.get("connect_listen_overflows")),
         f"{num(run['delivered'])} / {num(run['expected'])}",
         f"{num(run['lost'])} / {num(run['duplicated'])}",
         num(run["deliveries_per_s"]),
@@ -117,6 +118,7 @@ def _column(run: Run) -> list[str]:
 METRICS = [
     "subscribers connected",
     "connect + join s",
+    "connect SYNs dropped",
     "deliveries / expected",
     "lost / duplicated",
     "deliveries/s",

@@ -27,6 +27,8 @@ from roomcast.tools.procs import find_binary, free_port
 
 #: Flags every bench node gets: the publisher is not rate limited, nodes exit at once when
 #: stopped (no drain delay), and logs stay at warning (nothing per connection).
+#: The listen backlog of every server the bench starts (its --backlog): the node's own default.
+DEFAULT_BACKLOG = 2048
 NODE_FLAGS = (
     "--rate-limit", "1000000", "--rate-burst", "1000000",
     "--drain-delay", "0", "--drain-window", "0",
@@ -197,14 +199,15 @@ def _with_redis(cmd: list[str], redis_url: str | None) -> list[str]:
     return cmd + (["--redis-url", redis_url] if redis_url else [])
 
 
-def start_reference(processes: int, logdir: Path, timeout: float, cluster: bool) -> Deployment:
+def start_reference(processes: int, logdir: Path, timeout: float, cluster: bool,
+                    backlog: int) -> Deployment:
     """The bare reference: one process, or ``processes`` sharing a fresh redis-server (the
     bare cluster a roomcast cluster is measured beside)."""
 
     def start_one(index: int, redis_url: str | None) -> ServerProcess:
         def argv(port: int) -> list[str]:
             return _with_redis([sys.executable, "-m", "loadtest.reference_server", "--port",
-                                str(port)], redis_url)
+                                str(port), "--backlog", str(backlog)], redis_url)
 
         name = f"reference-{index}" if cluster else "reference"
         return _start(name, "reference", argv, logdir, b"", b"", timeout)
@@ -235,7 +238,8 @@ def start_roomcast(
 
 
 def start_socketio(
-    processes: int, logdir: Path, timeout: float, cluster: bool, node_modules: Path
+    processes: int, logdir: Path, timeout: float, cluster: bool, node_modules: Path,
+    backlog: int,
 ) -> Deployment:
     """``processes`` socket.io servers sharing a fresh redis-server, or one without Redis.
 
@@ -249,7 +253,7 @@ def start_socketio(
     def start_one(index: int, redis_url: str | None) -> ServerProcess:
         def argv(port: int) -> list[str]:
             return _with_redis([node, str(SOCKETIO_SERVER), "--host", "127.0.0.1", "--port",
-                                str(port)], redis_url)
+                                str(port), "--backlog", str(backlog)], redis_url)
 
         return _start(f"socketio-{index}", "socketio", argv, logdir, READY_PROBE,
                       b"HTTP/1.1 200", timeout, env)

@@ -18,6 +18,7 @@ import pytest
 
 from loadtest import bench, npmcache, report, sio, wire
 from roomcast.cli import build_parser
+from roomcast.config import Config
 from tests.harness import ROOT, NodeProcess
 
 # --- sans-I/O -----------------------------------------------------------------------------------
@@ -230,6 +231,14 @@ def test_cluster_bench_runs_the_reference_as_a_bare_cluster_over_redis(
     assert ref["delivered"] == ref["expected"] == 20 * 30
     assert ref["lost"] == 0 and ref["duplicated"] == 0 and ref["out_of_order"] == 0
     assert "ratio roomcast/reference" in stdout
+    # Every server meets a connect storm with the same listen backlog: the node's default.
+    for run in (point["target"], ref):
+        for process in run["server"]["processes"]:
+            if process["name"] != "redis":
+                at = process["argv"].index("--backlog")
+                assert process["argv"][at + 1] == str(Config().backlog), process["argv"]
+        assert run["connect_listen_overflows"] is not None
+    assert "connect SYNs dropped" in stdout
 
 
 def test_acked_bench_on_an_embedded_node(tmp_path: Path) -> None:
@@ -275,7 +284,9 @@ def test_socketio_bench_beside_roomcast(tmp_path: Path) -> None:
     and its ack callbacks make an --acked run that loses nothing either."""
     _socketio_ready()
     doc, stdout = _bench(tmp_path, "--target", "roomcast-cluster", "--nodes", "2", "--socketio",
-                         "-S", "20", "-M", "30", "-P", "100", "-K", "20", "--max-seconds", "90",
+                         # 100 messages: enough server CPU in each run (5 clock ticks at least)
+                         # for a deliveries-per-CPU-s figure.
+                         "-S", "20", "-M", "100", "-P", "200", "-K", "20", "--max-seconds", "90",
                          timeout=150)
     [point] = doc["points"]
     sio_run = point["socketio"]
@@ -285,7 +296,7 @@ def test_socketio_bench_beside_roomcast(tmp_path: Path) -> None:
     assert all(p["cpu_s"] is not None and p["peak_rss_kib"] for p in
                sio_run["server"]["processes"])
     assert sio_run["connected"] == 20
-    assert sio_run["delivered"] == sio_run["expected"] == 20 * 30
+    assert sio_run["delivered"] == sio_run["expected"] == 20 * 100
     assert sio_run["lost"] == sio_run["duplicated"] == sio_run["out_of_order"] == 0
     assert sio_run["latency_ms"]["p99"] is not None and sio_run["idle"]["kib_per_conn"]
     assert point["ratios_socketio"]["deliveries_per_cpu_s"] is not None

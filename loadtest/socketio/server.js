@@ -1,6 +1,6 @@
 // The bench's socket.io reference: the least a socket.io 4 cluster does to fan a message out.
 //
-//   node loadtest/socketio/server.js --port 0 [--redis-url redis://127.0.0.1:6379/0]
+//   node loadtest/socketio/server.js --port 0 [--redis-url redis://127.0.0.1:6379/0] [--backlog 511]
 //
 // Packages come from the bench's cache (NODE_PATH=<cache>/node_modules, installed by
 // `python -m loadtest.bench --socketio` with `npm ci` from package-lock.json), never from the repo.
@@ -28,6 +28,7 @@ const { values: args } = parseArgs({
     host: { type: "string", default: "127.0.0.1" },
     port: { type: "string", default: "0" },
     "redis-url": { type: "string" },
+    backlog: { type: "string", default: "511" },
   },
 });
 
@@ -73,7 +74,7 @@ async function main() {
     });
   });
 
-  httpServer.listen(Number(args.port), args.host, () => {
+  httpServer.listen(Number(args.port), args.host, Number(args.backlog), () => {
     ready = true;
     console.log(`listening on ws://${args.host}:${httpServer.address().port}`);
   });
