@@ -29,7 +29,7 @@ from redis.asyncio.client import Pipeline
 from redis.exceptions import ResponseError
 
 from roomcast import clock
-from roomcast.backends import presence_redis
+from roomcast.backends import presence_redis, redis_batch
 from roomcast.backends.broker import Publication
 from roomcast.backends.broker_redis import RedisBroker
 from roomcast.backends.history_redis import RedisHistory
@@ -139,22 +139,33 @@ class ScriptRecorder:
             return Recording(original(client, script), name)
 
         original_command = Pipeline.execute_command
+        original_run = redis_batch._Wire.run
 
-        def execute_command(pipe: Any, *args: Any, **options: Any) -> Any:
+        def record(args: tuple[Any, ...]) -> None:
             if args and args[0] == "EVALSHA" and args[1] in recorder._by_sha:
                 numkeys = args[2]
                 recorder.calls.append(ScriptCall(
                     recorder._by_sha[args[1]], [as_str(k) for k in args[3:3 + numkeys]],
                     [as_str(a) for a in args[3 + numkeys:]]))
+
+        def execute_command(pipe: Any, *args: Any, **options: Any) -> Any:
+            record(args)
             return original_command(pipe, *args, **options)
+
+        async def run(wire: Any, commands: list[tuple[Any, ...]], transaction: bool) -> Any:
+            for command in commands:  # A batcher's batch, which bypasses Pipeline.
+                record(command)
+            return await original_run(wire, commands, transaction)
 
         aioredis.Redis.register_script = register  # type: ignore[method-assign]
         Pipeline.execute_command = execute_command  # type: ignore[method-assign]
+        redis_batch._Wire.run = run  # type: ignore[method-assign]
         try:
             yield self
         finally:
             aioredis.Redis.register_script = original  # type: ignore[method-assign]
             Pipeline.execute_command = original_command  # type: ignore[method-assign]
+            redis_batch._Wire.run = original_run  # type: ignore[method-assign]
 
 
 @dataclass
