@@ -215,8 +215,8 @@ class AdmittedConnection(ServerConnection):
     endpoint: ClassVar[WebSocketEndpoint]
     # Slots for what this class adds: kept out of the library's instance dict, which would
     # otherwise grow to its next size (about 1.5 KiB per connection).
-    __slots__ = ("_has_typing", "_head", "address", "claims", "flooded", "limiter", "session",
-                 "typing_limiter", "verdicts")
+    __slots__ = ("_has_typing", "_head", "address", "claims", "flooded", "limiter", "named",
+                 "session", "typing_limiter", "verdicts")
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -231,6 +231,8 @@ class AdmittedConnection(ServerConnection):
         self._has_typing: bool | None = None
         #: The verified token of the handshake (URL or header), if any.
         self.claims: Claims | None = None
+        #: The query's (user_id, username) the handshake checked (--auth none), if any.
+        self.named: tuple[str, str] | None = None
         #: The client address the handshake was counted under (Gatekeeper), once admitted.
         self.address: str | None = None
         #: The request head read so far, until it was screened (None after).
@@ -430,7 +432,7 @@ class WebSocketEndpoint:
         if self.config.auth == "none":
             if uses_query_identity(path):
                 try:
-                    query_identity(request.path)
+                    ws.named = query_identity(request.path)
                 except ProtocolError as exc:
                     return gate.refuse(Refusal(400, exc.message, "bad_request"))
             ws.count(address)
@@ -456,8 +458,7 @@ class WebSocketEndpoint:
         """Who a new connection is, from its handshake; None for a native one that must still
         send its connect frame (--auth jwt, no token in the URL or a header)."""
         if self.config.auth == "none":
-            user_id, username = query_identity(ws.request.path) if (
-                ws.request is not None and uses_query_identity(path)) else ("", "")
+            user_id, username = ws.named or ("", "")
             user_id = user_id or f"anon-{conn_id[:8]}"
             return Identity(user_id, username or user_id)
         if ws.claims is not None:
