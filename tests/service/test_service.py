@@ -235,53 +235,6 @@ async def test_a_failed_join_leaves_nothing_behind(node: Node) -> None:
     assert room is None or len(room) == 0
 
 
-class _Gated:
-    """A history read and a presence add that each wait for the other side's barrier."""
-
-    def __init__(self, node: Node, read_fails: bool) -> None:
-        self.adding = asyncio.Event()
-        self.read_done = asyncio.Event()
-        history_read, presence_add = node.history.read, node.presence.add
-
-        async def read(*args: Any, **kwargs: Any) -> HistoryResult:
-            await self.adding.wait()  # Sequential (the read first) would never get past this.
-            try:
-                if read_fails:
-                    raise BrokerUnavailable("history read failed")
-                return await history_read(*args, **kwargs)
-            finally:
-                self.read_done.set()
-
-        async def add(room: str, member: Any) -> bool:
-            self.adding.set()
-            await self.read_done.wait()  # The entry is written after the read has ended.
-            return await presence_add(room, member)
-
-        node.history.read = read  # type: ignore[method-assign]
-        node.presence.add = add  # type: ignore[method-assign]
-
-
-async def test_a_join_reads_the_position_while_it_enters_presence(node: Node) -> None:
-    """The position read and the presence entry are under way at once (one Redis round trip
-    for both on a cluster): each waits here for the other to have started."""
-    _Gated(node, read_fails=False)
-    conn = node.conn("u")
-    joined = await asyncio.wait_for(node.service.join(conn, "r"), 5)
-    assert joined.fresh
-    assert [m.conn_id for m in await node.presence.members("r")] == [conn.conn_id]
-
-
-async def test_a_join_whose_read_fails_leaves_no_presence_entry(node: Node) -> None:
-    """The read fails while the presence entry is still being written: the join waits for the
-    entry before it cleans up, so nothing is left behind (not even the entry written last)."""
-    _Gated(node, read_fails=True)
-    conn = node.conn("u")
-    with pytest.raises(BrokerUnavailable):
-        await asyncio.wait_for(node.service.join(conn, "r"), 5)
-    assert conn.rooms == {}
-    assert await node.presence.members("r") == []
-
-
 async def test_disconnected_leaves_every_room(node: Node) -> None:
     """A closed connection is removed from presence in each of its rooms."""
     conn = node.conn("u")

@@ -108,28 +108,17 @@ async def join_with_replay(
     """Join ``conn`` to ``room`` and hand it over to live delivery without a gap.
 
     Subscribes (publications queue for ``conn``), reads the position and, with ``since``, what
-    was missed, while ``enter`` (presence) runs; once both have ended, without yielding, calls
-    ``reply`` with the result, sends the replay and what queued, and makes ``conn`` a live
-    member. On any failure (of either) the caller cleans up (the connection is still listed as
-    joining).
+    was missed; awaits ``enter`` (presence); then, without yielding, calls ``reply`` with the
+    result, sends the replay and what queued, and makes ``conn`` a live member. On any failure
+    the caller cleans up (the connection is still listed as joining).
     """
     state = await rooms.join(room, conn, replaying=True)
     while state.refilled is not None:
         # The room is refilling (a resubscribe or a gap): its messages up to now reach this
         # node through the refill; the position read below comes after them.
         await state.refilled.wait()
-    # The position is read and the presence entered at once: one round trip to Redis for both
-    # (each join's commands go out with the others' in one pipeline), not one after the other.
-    entering = asyncio.ensure_future(enter())
-    try:
-        result = await history.read(room, since, None if since else 1)
-    finally:
-        # Whatever the read did, the entry is not left half made: the caller's clean-up on a
-        # failure (its leave) comes after it.
-        await asyncio.wait([entering])
-        if not entering.cancelled():
-            entering.exception()  # Retrieved: the read's failure is the one raised.
-    entering.result()
+    result = await history.read(room, since, None if since else 1)
+    await enter()
     # From here to the end: no await, so no publication can slip between replay and live.
     reply(result)
     replay = since is not None and result.recovered
