@@ -10,12 +10,16 @@ import signal
 
 import pytest
 import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import ExecAbortError, ResponseError
+from redis.exceptions import DataError, ExecAbortError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from roomcast import backends
 from roomcast.backends.redis_batch import Batcher
-from tests.harness import RedisServer
+from roomcast.config import Config
+from tests.harness import RedisServer, wait_for
 
 #: Increments a key and returns its new value (KEYS[1]).
 INCR_SCRIPT = "return redis.call('INCR', KEYS[1])"
@@ -149,3 +153,110 @@ async def test_a_batch_that_timed_out_is_not_sent_again(redis_server: RedisServe
         await batcher.close()
     finally:
         await client.aclose()
+
+
+async def test_a_push_from_redis_is_not_taken_for_a_reply(redis_client: aioredis.Redis) -> None:
+    """RESP3 pushes arrive between replies (here: client-side caching's invalidation, sent the
+    moment another client changes a key this connection read): they are not replies, and the
+    next caller still gets its own."""
+    batcher = Batcher(redis_client)
+    assert await batcher.call("CLIENT", "TRACKING", "ON") == b"OK"
+    assert await batcher.call("GET", "tracked") is None
+    await redis_client.set("tracked", "changed")  # Redis pushes the invalidation right away.
+    assert await batcher.call("INCR", "after-push") == 1
+    assert await batcher.call("INCR", "after-push") == 2
+    await batcher.close()
+
+
+async def test_a_refused_multi_gives_each_command_its_own_reply(
+    redis_server: RedisServer, redis_client: aioredis.Redis,
+) -> None:
+    """A client that may not run MULTI (an ACL): Redis ran each command of the batch at once,
+    so each caller gets what its command did, not the refusal of the transaction."""
+    await redis_client.execute_command(
+        "ACL", "SETUSER", "nomulti", "on", ">pw", "~*", "+incr", "+ping", "+client", "+hello")
+    limited = aioredis.Redis.from_url(
+        f"redis://nomulti:pw@127.0.0.1:{redis_server.port}/0", socket_timeout=5)
+    try:
+        batcher = Batcher(limited, transaction=True)
+        assert await asyncio.gather(batcher.call("INCR", "m"), batcher.call("INCR", "m")) == [1, 2]
+        assert await redis_client.get("m") == b"2"
+        await batcher.close()
+    finally:
+        await limited.aclose()
+
+
+async def test_an_argument_redis_cannot_take_fails_its_caller_alone(
+    redis_client: aioredis.Redis,
+) -> None:
+    """A bool (redis-py refuses it too) fails the call that brought it, with redis-py's
+    DataError, before anything is sent; the calls around it run."""
+    batcher = Batcher(redis_client)
+    before = batcher.call("INCR", "typed")
+    refused = batcher.call("SET", "typed-flag", True)
+    after = batcher.call("INCR", "typed")
+    with pytest.raises(DataError):
+        await refused
+    assert (await before, await after) == (1, 2)
+    assert await redis_client.get("typed-flag") is None
+    assert await batcher.call("SET", "view", memoryview(b"bytes")) == b"OK"
+    assert await redis_client.get("view") == b"bytes"
+    await batcher.close()
+
+
+async def test_a_redis_that_refuses_every_connection_is_tried_as_often_as_for_one_command(
+) -> None:
+    """A server that closes every connection at once (a Redis going down): a batch fails with
+    a ConnectionError after as many connection attempts as redis-py makes for one command, its
+    own retries; the batcher does not retry those again."""
+    accepted = 0
+
+    async def refuse(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal accepted
+        accepted += 1
+        writer.close()
+
+    server = await asyncio.start_server(refuse, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    # The node's retry rule (redis_common._settings): once more at once, no backoff.
+    client = aioredis.Redis(host="127.0.0.1", port=port, socket_timeout=2,
+                            retry=Retry(NoBackoff(), 1))
+    try:
+        with pytest.raises(RedisConnectionError):
+            await client.execute_command("PING")
+        alone, accepted = accepted, 0
+        batcher = Batcher(client)
+        with pytest.raises(RedisConnectionError):
+            await asyncio.wait_for(batcher.call("PING"), 10)
+        assert accepted == alone > 0
+        await batcher.close()
+    finally:
+        await client.aclose()
+        server.close()
+        await server.wait_closed()
+
+
+async def test_closing_the_backends_closes_the_batchers_connections(
+    redis_server: RedisServer, redis_client: aioredis.Redis,
+) -> None:
+    """The history and presence batchers' own connections (outside the client's pool) are
+    closed with the backends: nothing of the node stays connected to Redis."""
+    config = Config(node_id="closing", redis_url=redis_server.url)
+    built = backends.build(config)
+    await built.history.read("room")  # Opens the history batcher's connection.
+    assert await built.presence.open_connection("u", "c1", 5)  # And presence's.
+
+    async def names() -> list[str]:
+        clients = await redis_client.client_list()
+        return [c["name"] for c in clients if c["name"].startswith("roomcast:closing:")]
+
+    assert len(await names()) >= 2
+    await built.presence.close()
+    await built.history.close()
+    await built.broker.close()
+
+
+    async def gone() -> bool:  # Redis drops a client once it has read its close.
+        return await names() == []
+
+    await wait_for(gone, timeout=5, what="the node's connections closed")

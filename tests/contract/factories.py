@@ -182,6 +182,7 @@ class Backend(abc.ABC):
         ``idle_ttl`` is --idle-room-ttl: how long a room only read keeps its epoch."""
         pair = self._new_pair(history_size, history_ttl, idle_ttl)
         self._closers.append(pair.broker.close)
+        self._closers.append(pair.history.close)  # Closed first: newest first.
         if start:
             await pair.start()
         return pair
@@ -286,6 +287,7 @@ class RedisBackend(Backend):
 
         async def close() -> None:
             await backends.presence.close()
+            await backends.history.close()
             await backends.broker.close()  # never started: this only releases the clients
 
         return backends.presence, close

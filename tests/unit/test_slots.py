@@ -152,10 +152,10 @@ class ScriptRecorder:
             record(args)
             return original_command(pipe, *args, **options)
 
-        async def run(wire: Any, commands: list[tuple[Any, ...]], transaction: bool) -> Any:
-            for command in commands:  # A batcher's batch, which bypasses Pipeline.
-                record(command)
-            return await original_run(wire, commands, transaction)
+        async def run(wire: Any, batch: list[Any], transaction: bool) -> Any:
+            for queued in batch:  # A batcher's batch, which bypasses Pipeline.
+                record(queued.command)
+            return await original_run(wire, batch, transaction)
 
         aioredis.Redis.register_script = register  # type: ignore[method-assign]
         Pipeline.execute_command = execute_command  # type: ignore[method-assign]

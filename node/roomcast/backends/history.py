@@ -58,6 +58,9 @@ class History(Protocol):
         messages. Compare-and-set: if the room is no longer in ``epoch`` (another node restarted
         it), nothing changes. Returns the room's epoch afterwards, never ``epoch``."""
 
+    async def close(self) -> None:
+        """Release what the store holds of its own (before the clients it shares close)."""
+
 
 def new_epoch() -> str:
     """A short random epoch label (hex: safe to splice into JSON unescaped)."""
@@ -164,6 +167,9 @@ class MemoryHistory:
             state.epoch, state.offset = new_epoch(), 0
             state.stored.clear()
         return state.epoch
+
+    async def close(self) -> None:
+        """Nothing to release."""
 
     async def read(
         self, room: str, since: Since | None = None, limit: int | None = None

@@ -37,6 +37,11 @@ class RedisHistory:
     def _shard(self, room: str) -> int:
         return shard(room, len(self._clients))
 
+    async def close(self) -> None:
+        """Close the batchers and their connections (the clients are the broker's to close)."""
+        for batch in self._batches:
+            await batch.close()
+
     @unavailable_on_redis_error
     async def restart_epoch(self, room: str, epoch: str) -> str:
         reply = await self._restarts[self._shard(room)](

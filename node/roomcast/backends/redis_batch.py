@@ -42,6 +42,7 @@ import contextvars
 from collections.abc import Awaitable
 from typing import Any
 
+import hiredis
 import structlog
 from redis._parsers.hiredis import NOT_ENOUGH_DATA, _AsyncHiredisParser
 from redis.asyncio import Redis
@@ -49,7 +50,7 @@ from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.connection import AbstractConnection
 from redis.commands.core import AsyncScript
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import NoScriptError, RedisError, ResponseError
+from redis.exceptions import DataError, NoScriptError, RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from roomcast.backends.redis_common import REDIS_FAILURES, RedisHealth
@@ -66,11 +67,13 @@ class Queued:
     """One command waiting: its arguments, the script it runs (for NOSCRIPT), a tag for
     subclasses' rules, and the caller's future."""
 
-    __slots__ = ("command", "future", "script", "tag")
+    __slots__ = ("command", "future", "packed", "script", "tag")
 
     def __init__(self, command: tuple[Any, ...], script: AsyncScript | None, tag: Any,
-                 future: asyncio.Future[Any]) -> None:
+                 future: asyncio.Future[Any], packed: bytes = b"") -> None:
         self.command = command
+        #: The command in RESP, for a batcher with a wire of its own (packed as it is called).
+        self.packed = packed
         self.script = script
         self.tag = tag
         self.future = future
@@ -122,7 +125,14 @@ class Batcher:
         if self._closed:
             future.set_exception(_closed())
             return future
-        self._queue.append(Queued(command, script, tag, future))
+        packed = b""
+        if self._wire is not None:
+            try:
+                packed = _pack(command)
+            except DataError as exc:  # This caller's mistake: its own error, nothing sent.
+                future.set_exception(exc)
+                return future
+        self._queue.append(Queued(command, script, tag, future, packed))
         if self._sender is None or self._sender.done():
             # A fresh context: the sender serves every caller, its log lines none of theirs.
             self._sender = asyncio.create_task(self._send(), name="redis-batcher",
@@ -205,8 +215,7 @@ class Batcher:
         replies: list[Any]
         if self._wire is not None:
             try:
-                replies = await self._wire.run([queued.command for queued in batch],
-                                               self._transaction)
+                replies = await self._wire.run(batch, self._transaction)
             except REDIS_FAILURES as exc:
                 if self._health is not None:
                     self._health.failed(exc, "MULTI" if self._transaction else "PIPELINE")
@@ -238,27 +247,31 @@ class _Wire:
         self._pool = client.connection_pool
         self._conn: AbstractConnection | None = None
 
-    async def run(self, commands: list[tuple[Any, ...]], transaction: bool) -> list[Any]:
-        """The replies of ``commands`` (in a MULTI/EXEC when ``transaction``), errors in place.
-        A ConnectionError sends them once more on a fresh connection (as the command client
-        retries), a second one is raised; any other failure is raised at once."""
-        payload = _pack(commands, transaction)
-        for attempt in range(2):
+    async def run(self, batch: list[Queued], transaction: bool) -> list[Any]:
+        """The replies of ``batch`` (in a MULTI/EXEC when ``transaction``), errors in place.
+        A ConnectionError on a connection that was open from before (left stale by a Redis
+        restart) sends them once more on a fresh one, as the command client retries; any
+        other failure, and one on a fresh connection (whose connect has retried already), is
+        raised."""
+        count = len(batch)
+        payload = b"".join(queued.packed for queued in batch)
+        if transaction:
+            payload = _MULTI + payload + _EXEC
+        while True:
             if self._conn is None:
                 self._conn = self._pool.make_connection()  # type: ignore[no-untyped-call]
             conn = self._conn
+            stale = conn.is_connected
             try:
-                replies = await self._exchange(conn, payload,
-                                               len(commands) + 2 if transaction else len(commands))
+                replies = await self._exchange(conn, payload, count + 2 if transaction else count)
             except BaseException as exc:
                 # Whatever was left unread makes the connection useless: a fresh one next time.
                 self._conn = None
                 await conn.disconnect(nowait=True)
-                if attempt or not isinstance(exc, RedisConnectionError):
-                    raise
-                continue
-            return _unwrap(replies, len(commands)) if transaction else replies
-        raise AssertionError("unreachable")
+                if stale and isinstance(exc, RedisConnectionError):
+                    continue
+                raise
+            return _unwrap(replies, count) if transaction else replies
 
     @staticmethod
     async def _exchange(conn: AbstractConnection, payload: bytes, count: int) -> list[Any]:
@@ -271,15 +284,23 @@ class _Wire:
             raise RedisConnectionError("the batcher needs redis-py's hiredis parser")
         reader = parser._reader
         replies: list[Any] = []
+        loop = asyncio.get_running_loop()
+        wait = conn.socket_timeout
         try:
-            async with asyncio.timeout(conn.socket_timeout):
+            # --redis-timeout for the write, then again for each read that brings data: a long
+            # batch that keeps arriving is not cut, as redis-py times each read.
+            async with asyncio.timeout(wait) as deadline:
                 writer.write(payload)
                 await writer.drain()
                 while len(replies) < count:
                     reply = reader.gets()
                     if reply is NOT_ENOUGH_DATA:
                         await parser.read_from_socket()
+                        if wait:
+                            deadline.reschedule(loop.time() + wait)
                         continue
+                    if _PUSH is not None and isinstance(reply, _PUSH):
+                        continue  # RESP3 out-of-band (tracking, maintenance): not a reply.
                     if isinstance(reply, RedisConnectionError):  # LOADING, say: as redis-py.
                         raise reply
                     replies.append(reply)
@@ -288,8 +309,7 @@ class _Wire:
         except OSError as exc:
             raise RedisConnectionError(f"Error talking to Redis: {exc}") from exc
         if conn.health_check_interval:  # It answered: no PING needed for another interval.
-            conn.next_health_check = asyncio.get_running_loop().time() + \
-                conn.health_check_interval
+            conn.next_health_check = loop.time() + conn.health_check_interval
         return replies
 
     async def close(self) -> None:
@@ -298,33 +318,38 @@ class _Wire:
             await conn.disconnect(nowait=True)
 
 
-def _pack(commands: list[tuple[Any, ...]], transaction: bool) -> bytes:
-    """``commands`` in RESP, bracketed by MULTI and EXEC for a transaction."""
-    out: list[bytes] = [b"*1\r\n$5\r\nMULTI\r\n"] if transaction else []
-    for command in commands:
-        out.append(b"*%d\r\n" % len(command))
-        for arg in command:
-            if isinstance(arg, str):
-                arg = arg.encode()
-            elif isinstance(arg, int) and not isinstance(arg, bool):
-                arg = b"%d" % arg
-            elif isinstance(arg, float):
-                arg = repr(arg).encode()
-            elif not isinstance(arg, bytes):
-                raise TypeError(f"cannot send a {type(arg).__name__} to Redis")
-            out.append(b"$%d\r\n%s\r\n" % (len(arg), arg))
-    if transaction:
-        out.append(b"*1\r\n$4\r\nEXEC\r\n")
+#: Server pushes (RESP3) as hiredis gives them, where it does (hiredis 3.2 on).
+_PUSH: type | None = getattr(hiredis, "PushNotification", None)
+_MULTI = b"*1\r\n$5\r\nMULTI\r\n"
+_EXEC = b"*1\r\n$4\r\nEXEC\r\n"
+
+
+def _pack(command: tuple[Any, ...]) -> bytes:
+    """``command`` in RESP; the argument types redis-py's encoder takes (str as UTF-8), and
+    its DataError for the others (a bool, None)."""
+    out = [b"*%d\r\n" % len(command)]
+    for arg in command:
+        if isinstance(arg, str):
+            arg = arg.encode()
+        elif isinstance(arg, bool) or not isinstance(arg, bytes | memoryview | int | float):
+            raise DataError(f"Invalid input of type: '{type(arg).__name__}'. Convert to a "
+                            "bytes, string, int or float first.")
+        elif isinstance(arg, int):
+            arg = b"%d" % arg
+        elif isinstance(arg, float):
+            arg = repr(arg).encode()
+        out.append(b"$%d\r\n%s\r\n" % (len(arg), arg))
     return b"".join(out)
 
 
 def _unwrap(replies: list[Any], count: int) -> list[Any]:
     """The ``count`` replies of a MULTI/EXEC from the raw ones (OK, a QUEUED per command, the
     EXEC's array). When a command was refused as it was queued, Redis ran none of them
-    (EXECABORT): that command gets its own error, the others the EXEC's."""
+    (EXECABORT): that command gets its own error, the others the EXEC's. When MULTI itself
+    was refused (an ACL), Redis ran each command at once: their own replies."""
     head, queued, done = replies[0], replies[1:-1], replies[-1]
     if isinstance(head, ResponseError):
-        return [head] * count
+        return queued
     if isinstance(done, list) and len(done) == count:
         return done
     failure = done if isinstance(done, BaseException) else ResponseError(

@@ -118,6 +118,7 @@ class Service:
             task.cancel()
         await self.rooms.close()
         await self.presence_store.close()
+        await self.history_store.close()
         await self.broker.close()
 
     def _resubscribed(self, rooms: Any) -> None:
