@@ -59,6 +59,38 @@ def test_the_screen_says_what_the_parser_says(head: bytes) -> None:
     assert handshake.screen_head(head) == handshake.parse_verdict(head)
 
 
+VALUE_BYTES = bytes([9, *range(0x20, 0x7f), *range(0x80, 0x100)])
+plain_gets = st.tuples(
+    st.binary(min_size=1, max_size=30).map(lambda b: bytes(0x21 + x % 94 for x in b)),
+    st.lists(st.tuples(
+        st.binary(min_size=1, max_size=12).map(lambda b: bytes(TOKEN[x % len(TOKEN)] for x in b)),
+        st.binary(max_size=20).map(lambda b: bytes(VALUE_BYTES[x % len(VALUE_BYTES)] for x in b)),
+    ), max_size=12),
+).map(lambda t: b"GET " + t[0] + b" HTTP/1.1\r\n"
+      + b"".join(name + b":" + value + b"\r\n" for name, value in t[1]) + b"\r\n")
+
+
+@settings(max_examples=3000, deadline=None)
+@given(plain_gets, st.integers(0, 10_000), st.binary(min_size=1, max_size=2),
+       st.sampled_from(["keep", "insert", "replace", "delete"]))
+def test_a_plain_get_and_its_near_misses_get_the_parsers_verdict(
+        head: bytes, where: int, byte: bytes, how: str) -> None:
+    """Well-formed upgrades take the one-match path; the same head with one byte inserted,
+    replaced or deleted (a control byte, a colon, a stray CR...) gets exactly the parser's
+    verdict, whichever path it took."""
+    at = where % len(head)
+    if how == "keep":
+        if not handshake._BODY_HEADERS.search(head):
+            assert handshake._PLAIN_GET.fullmatch(head), head
+    elif how == "insert":
+        head = head[:at] + byte + head[at:]
+    elif how == "replace":
+        head = head[:at] + byte + head[at + 1:]
+    else:
+        head = head[:at] + head[at + 1:]
+    assert handshake.screen_head(head) == handshake.parse_verdict(head)
+
+
 @pytest.mark.parametrize("head", [
     UPGRADE,
     UPGRADE.replace(b"\r\n\r\n", b"\r\nContent-Length: 0\r\n\r\n"),

@@ -265,7 +265,7 @@ class Config:
         """(field, valid?, what a valid value is) for every constrained setting."""
         rules: list[tuple[str, bool, str]] = [
             ("port", 0 <= self.port <= 65535, "must be from 0 to 65535"),
-            ("backlog", self.backlog >= 1, "must be at least 1"),
+            ("backlog", 1 <= self.backlog <= 65535, "must be from 1 to 65535"),
             ("max_message_size", self.max_message_size >= 256, "must be at least 256 bytes"),
             ("max_send_buffer", self.max_send_buffer >= 1024, "must be at least 1024 bytes"),
             ("rate_burst", self.rate_burst >= 1, "must be at least 1"),

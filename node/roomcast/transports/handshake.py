@@ -29,6 +29,7 @@ from typing import Any, Final
 from urllib.parse import parse_qs, urlsplit
 
 import structlog
+from websockets import http11
 from websockets.datastructures import Headers
 from websockets.exceptions import SecurityError
 from websockets.http11 import Request, Response
@@ -52,13 +53,15 @@ REASONS: Final = {200: "OK", 202: "Accepted", 400: "Bad Request", 401: "Unauthor
                   431: "Request Header Fields Too Large", 503: "Service Unavailable"}
 
 #: Heads that python-websockets' Request.parse surely takes, matched in one pass: a GET of an
-#: ASCII target over HTTP/1.1 and at most 128 well-formed header lines (its own token and value
-#: classes, http11.py), the whole no longer than one of its lines may be (8 KiB). A head that
+#: ASCII target over HTTP/1.1 and at most its MAX_NUM_HEADERS well-formed header lines (its own
+#: token and value classes, http11.py), the whole no longer than one of its lines may be
+#: (MAX_LINE_LENGTH; both limits as the library read them from its environment). A head that
 #: does not match, or that names a body, gets the full parse (``screen_head``).
 _PLAIN_GET: Final = re.compile(
     rb"GET [\x21-\x7e]+ HTTP/1\.1\r\n"
-    rb"(?:[-!#$%&'*+.^_`|~0-9a-zA-Z]+:[\x09\x20-\x7e\x80-\xff]*\r\n){0,128}\r\n")
-_PLAIN_GET_MAX: Final = 8192
+    rb"(?:[-!#$%&'*+.^_`|~0-9a-zA-Z]+:[\x09\x20-\x7e\x80-\xff]*\r\n){0,"
+    + str(http11.MAX_NUM_HEADERS).encode() + rb"}\r\n")
+_PLAIN_GET_MAX: Final = http11.MAX_LINE_LENGTH
 _BODY_HEADERS: Final = re.compile(rb"\r\n(?:content-length|transfer-encoding)[ \t]*:", re.I)
 
 #: Addresses whose handshake buckets are kept; the least recently seen go first beyond it, so
