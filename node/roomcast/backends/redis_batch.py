@@ -321,6 +321,8 @@ class _Wire:
 #: Server pushes (RESP3) as hiredis gives them, where it does (hiredis 3.2 on).
 _PUSH: type | None = getattr(hiredis, "PushNotification", None)
 _MULTI = b"*1\r\n$5\r\nMULTI\r\n"
+#: What a command's arguments may be (redis-py's Encoder: bool is refused, though an int).
+_SENDABLE = (bytes, memoryview, str, int, float)
 _EXEC = b"*1\r\n$4\r\nEXEC\r\n"
 
 
@@ -329,17 +331,30 @@ def _pack(command: tuple[Any, ...]) -> bytes:
     its DataError for the others (a bool, None)."""
     out = [b"*%d\r\n" % len(command)]
     for arg in command:
-        if isinstance(arg, str):
+        kind = type(arg)  # The usual types first, by identity: this runs for every argument.
+        if kind is str:
             arg = arg.encode()
-        elif isinstance(arg, bool) or not isinstance(arg, bytes | memoryview | int | float):
-            raise DataError(f"Invalid input of type: '{type(arg).__name__}'. Convert to a "
-                            "bytes, string, int or float first.")
-        elif isinstance(arg, int):
+        elif kind is int:
             arg = b"%d" % arg
-        elif isinstance(arg, float):
-            arg = repr(arg).encode()
+        elif kind is not bytes:
+            arg = _encode(arg)
         out.append(b"$%d\r\n%s\r\n" % (len(arg), arg))
     return b"".join(out)
+
+
+def _encode(arg: Any) -> bytes | memoryview:
+    """An argument of a less usual type (a subclass, a float, a memoryview) as redis-py's
+    encoder would send it."""
+    if isinstance(arg, bool) or not isinstance(arg, _SENDABLE):
+        raise DataError(f"Invalid input of type: '{type(arg).__name__}'. Convert to a "
+                        "bytes, string, int or float first.")
+    if isinstance(arg, str):
+        return arg.encode()
+    if isinstance(arg, int):
+        return b"%d" % arg
+    if isinstance(arg, float):
+        return repr(arg).encode()
+    return arg
 
 
 def _unwrap(replies: list[Any], count: int) -> list[Any]:
