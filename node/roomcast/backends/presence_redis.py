@@ -290,7 +290,8 @@ class _Locks:
 
     @contextlib.asynccontextmanager
     async def hold(self, name: str) -> AsyncIterator[None]:
-        lock, users = self._locks.get(name, (asyncio.Lock(), 0))
+        held = self._locks.get(name)
+        lock, users = held if held is not None else (asyncio.Lock(), 0)
         self._locks[name] = (lock, users + 1)
         try:
             async with lock:
