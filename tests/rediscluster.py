@@ -404,8 +404,10 @@ class RedisCluster:
 
     def healthy(self) -> bool:
         """Every responsive node: cluster_state:ok, all slots assigned, knows every node, and
-        has the same slot owners as the others, each a responsive node no one flags failing;
-        every responsive replica's link to its master is up."""
+        has the same slot owners and the same replica of whom as the others (refresh() asks
+        one node: a replica it did not know to follow its master yet had none to promote),
+        each owner a responsive node no one flags failing; every responsive replica's link to
+        its master is up."""
         live = [node for node in self.nodes if node.responsive]
         views = {}
         for node in live:
@@ -422,6 +424,9 @@ class RedisCluster:
                   for seen in views.values()]
         if not owners or any(mine != owners[0] for mine in owners):
             return False  # Not every node has heard of the latest slot owners yet.
+        follows = [{(view.node_id, view.master_id) for view in seen} for seen in views.values()]
+        if any(mine != follows[0] for mine in follows):
+            return False  # Nor of every replica's master.
         if not {owner for owner, _ in owners[0]} <= live_ids:
             return False
         for node in live:
@@ -512,6 +517,7 @@ class RedisCluster:
         """SIGSTOP a running master (as pick: index, port or node): it holds its connections
         but answers nothing, like a stalled host. Past node-timeout the cluster notices."""
         node = self._pick(which)
+        self.replicas()  # Records which replicas follow it, for wait_failover.
         node.signal(signal.SIGSTOP)
         node.paused = True
         return node
