@@ -35,7 +35,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from loadtest import npmcache, procstat, report, servers, sio, wire
 from loadtest.loadgen import (
@@ -551,7 +551,9 @@ class Bench:
                        cpu1: dict[int, tuple[float, float] | None],
                        delivered: int) -> dict[str, Any]:
         procs: list[dict[str, Any]] = []
-        argv = {p.pid: [str(arg) for arg in p.proc.args] for p in dep.processes}
+        # Every server is started from an argv list (servers._start).
+        argv = {p.pid: [str(arg) for arg in cast(list[Any], p.proc.args)]
+                for p in dep.processes}
         for name, pid in dep.measured():
             before, after = cpu0.get(pid), cpu1.get(pid)
             user = sys_ = None

@@ -23,12 +23,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from loadtest import sio
+from roomcast.config import Config
 from roomcast.tools.procs import find_binary, free_port
 
+#: The listen backlog of every server the bench starts (its --backlog): the node's own default.
+DEFAULT_BACKLOG = Config().backlog
 #: Flags every bench node gets: the publisher is not rate limited, nodes exit at once when
 #: stopped (no drain delay), and logs stay at warning (nothing per connection).
-#: The listen backlog of every server the bench starts (its --backlog): the node's own default.
-DEFAULT_BACKLOG = 2048
 NODE_FLAGS = (
     "--rate-limit", "1000000", "--rate-burst", "1000000",
     "--drain-delay", "0", "--drain-window", "0",
