@@ -18,13 +18,14 @@ order matters across a batch, has its own rule).
 
 On one Redis (and per shard with client-side sharding) a batcher has a connection of its own
 (``_Wire``), outside the client's pool (it sends one pipeline at a time), and a batch is one
-write of the packed commands and one read of their replies through hiredis, with one timeout
-for the whole round trip: about 7 us of the node's CPU per command, against about 40 through
-redis-py's Pipeline (its per-command stack, response callbacks and per-reply reads), measured
-with 20 scripts per batch. Its failure rules are the command client's (redis_common.connect):
-a ConnectionError (a socket left stale by a Redis restart) disconnects and sends the batch once
-more on a fresh connection; a timeout fails the batch (its commands may have run), never
-retried.
+write of the packed commands and one read of their replies through hiredis, under
+--redis-timeout, which starts again whenever data arrives (as redis-py times each read): about
+7 us of the node's CPU per command, against about 40 through redis-py's Pipeline (its
+per-command stack, response callbacks and per-reply reads), measured with 20 scripts per batch.
+Its failure rules are the command client's (redis_common.connect): a ConnectionError on a
+connection that was already open (a socket left stale by a Redis restart) disconnects and sends
+the batch once more on a fresh connection; a timeout fails the batch (its commands may have
+run), never retried.
 
 On a Redis Cluster the backends' batchers send each command alone (``Batcher.for_backend``):
 redis-py's cluster pipeline neither retries a lost connection nor refreshes its slot map when a
@@ -321,9 +322,9 @@ class _Wire:
 #: Server pushes (RESP3) as hiredis gives them, where it does (hiredis 3.2 on).
 _PUSH: type | None = getattr(hiredis, "PushNotification", None)
 _MULTI = b"*1\r\n$5\r\nMULTI\r\n"
+_EXEC = b"*1\r\n$4\r\nEXEC\r\n"
 #: What a command's arguments may be (redis-py's Encoder: bool is refused, though an int).
 _SENDABLE = (bytes, memoryview, str, int, float)
-_EXEC = b"*1\r\n$4\r\nEXEC\r\n"
 
 
 def _pack(command: tuple[Any, ...]) -> bytes:
