@@ -16,6 +16,10 @@ the node checks Redis' pub/sub output-buffer limit (``check_pubsub_limit``): a l
 a node that falls behind for a moment makes Redis cut its pub/sub connection.
 
 Pub/sub frame: ``b"<offset> <epoch> <ts_us> <origin>\\n" + envelope``; offset 0 = ephemeral event.
+A pub/sub message is one frame, or ``b"*<n>\\n"`` and n times ``b"<length>\\n" + frame``: the
+consecutive publishes of one room that one pipeline carried, which publish.lua ran as one call
+(``_PublishQueue.merged``, ``parse_message``). A node older than that format drops such a
+message as foreign and refills the room from history at the next frame (docs/RUNBOOK.md).
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from typing import Any
 
 import redis.asyncio as aioredis
 import structlog
+from redis.commands.core import AsyncScript
 from redis.exceptions import NoScriptError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
@@ -43,7 +48,7 @@ from roomcast.backends.broker import (
 )
 from roomcast.backends.history import Retention, new_epoch
 from roomcast.backends.keys import Keys, shard
-from roomcast.backends.redis_batch import Batcher, Queued
+from roomcast.backends.redis_batch import Batcher, Queued, pack_args
 from roomcast.backends.redis_common import (
     REDIS_FAILURES,
     RedisHealth,
@@ -70,6 +75,10 @@ PUBSUB_IDLE_PING = 5.0
 #: enough that one MULTI/EXEC keeps Redis busy for a few milliseconds (about 20 us per
 #: publish) and its replies are a few tens of KB.
 PUBLISH_BATCH = 512
+#: Most envelope bytes of the consecutive publishes of one room that a pipeline merges into one
+#: run of publish.lua, and so into one pub/sub message (_PublishQueue.merged). A constant: it
+#: bounds one pub/sub message, which every node subscribed to the room reads whole.
+MERGE_BYTES = 256 * 1024
 
 #: Seconds between two write probes. A constant: readiness should follow Redis within about a
 #: second, and one tiny SET per second and node costs Redis nothing.
@@ -109,6 +118,31 @@ def parse_frame(channel: bytes, data: bytes,
         room, payload, int(offset), "" if epoch == b"-" else epoch.decode(), origin.decode(),
         int(ts_us),
     )
+
+
+def parse_message(channel: bytes, data: bytes,
+                  room_of_channel: Callable[[str], str] | None = None) -> list[Publication]:
+    """The publications of one pub/sub message: one frame, or several of one room that
+    lua/publish.lua published together, ``*<n>\\n`` then ``<length>\\n<frame>`` each. Raises
+    ValueError for anything else, before any of them is delivered."""
+    if not data.startswith(b"*"):
+        return [parse_frame(channel, data, room_of_channel)]
+    newline = data.find(b"\n")
+    head = data[1:newline]
+    if newline < 0 or not head.isdigit() or int(head) < 2:
+        raise ValueError("a batch of frames without its count")
+    publications = []
+    pos = newline + 1
+    for _ in range(int(head)):
+        newline = data.find(b"\n", pos)
+        length = data[pos:newline]
+        if newline < 0 or not length.isdigit() or newline + 1 + int(length) > len(data):
+            raise ValueError("a batch of frames cut short")
+        pos = newline + 1 + int(length)
+        publications.append(parse_frame(channel, data[newline + 1:pos], room_of_channel))
+    if pos != len(data):
+        raise ValueError("a batch of frames with bytes after its last")
+    return publications
 
 
 def event_frame(payload: bytes, origin: str, room: str | None = None) -> bytes:
@@ -414,13 +448,14 @@ class RedisBroker:
         if self._on_publication is None:
             return
         try:
-            publication = parse_frame(channel, data, self._keys.room_of_channel)
+            publications = parse_message(channel, data, self._keys.room_of_channel)
         except (ValueError, UnicodeDecodeError):
             # Not a roomcast frame (someone else PUBLISHed on our channel): drop it.
             log.warning("dropped a pub/sub message that is not a roomcast frame",
                         channel=as_str(channel))
             return
-        self._on_publication(publication)
+        for publication in publications:
+            self._on_publication(publication)
 
     def _confirmed(self, kind: bytes, channel: bytes) -> None:
         """Subscription's callback for every (un)subscribe confirmation."""
@@ -520,21 +555,21 @@ class RedisBroker:
             raise BrokerUnavailable("redis is unavailable")
         size, ttl = self._retention(room)
         keys = [self._keys.meta(room), self._keys.stream(room)]
-        args: list[bytes | str | int] = [
-            self._keys.channel(room), prefix, self._frame_origin(origin, room), size,
-            int(ttl * 1000), new_epoch(), clock.now_us(),
-            "SPUBLISH" if self._sharded else "PUBLISH",
+        common: list[bytes | str | int] = [
+            self._keys.channel(room), size, int(ttl * 1000), new_epoch(),
+            "SPUBLISH" if self._sharded else "PUBLISH", 0,
         ]
         if idempotency_key is not None:
             # KEYS[3] carries the room's hash tag: the check, the publish and the record are
             # one script in the room's slot (see lua/publish.lua).
             keys.append(self._keys.idempotency(room, idempotency_key))
-            args.append(idempotency_window_ms(window))
+            common[-1] = idempotency_window_ms(window)
+        message = (prefix, self._frame_origin(origin, room), clock.now_us())
         # Nothing awaited before this line: publishes enter the queue in the order they were
         # called, which is the order Redis runs them (one pipeline at a time, in order), so one
         # connection's publishes keep their order however many are in flight.
-        offset, epoch, duplicate = await self._queues[self._shard(room)].script(
-            self._publish_script, keys, args, tag=keys[0])
+        offset, epoch, duplicate = await self._queues[self._shard(room)].publish(
+            self._publish_script, keys, common, message)
         offset, epoch = int(offset), as_str(epoch)
         if duplicate:
             return Publication(room, b"", offset, epoch, origin, 0, duplicate=True)
@@ -587,6 +622,63 @@ class _PublishQueue(Batcher):
     def __init__(self, client: Any, sharded: bool, health: RedisHealth) -> None:
         super().__init__(client, transaction=not sharded, limit=PUBLISH_BATCH, health=health)
 
+    def publish(self, script: AsyncScript, keys: list[str], common: list[Any],
+                message: tuple[bytes, str, int]) -> asyncio.Future[Any]:
+        """Queue a publish of ``message`` (envelope prefix, origin, timestamp): publish.lua's
+        ARGV are ``common``, then the count, then each message's three. Its reply is the
+        script's, as if it ran alone, also when it shares a run with the publishes of the same
+        room next to it in the batch (``merged``)."""
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        command = ("EVALSHA", script.sha, len(keys), *keys, *common, 1, *message)
+        return self.push(_Publish(command, script, keys[0], future, keys, common, message,
+                                  pack_args(message) if self.wired else b""))
+
+    async def pipeline(self, batch: list[Queued]) -> list[Any]:
+        """Send ``batch`` with the runs of consecutive publishes of one room merged, each into
+        one run of publish.lua (one script call and one pub/sub message for all of them), and
+        give each publish its own reply: its offset is the run's first plus its place in it.
+        Redis runs the merged call where the first publish of the run stood, and the others of
+        the run came right after it in the batch: the order is the same."""
+        sent, spans = self.merged(batch)
+        replies = await super().pipeline(sent)
+        if len(sent) == len(batch):
+            return replies
+        out: list[Any] = []
+        for reply, span in zip(replies, spans, strict=True):
+            if span == 1 or isinstance(reply, BaseException):
+                out.extend([reply] * span)
+            else:
+                first, epoch, duplicate = reply
+                out.extend([int(first) + i, epoch, duplicate] for i in range(span))
+        return out
+
+    def merged(self, batch: list[Queued]) -> tuple[list[Queued], list[int]]:
+        """What to send for ``batch``, and how many of its commands each stands for. A run is
+        consecutive publishes of one room without an idempotency key (that one checks and
+        records its key for itself), of MERGE_BYTES of envelopes at most."""
+        sent: list[Queued] = []
+        spans: list[int] = []
+        run: list[_Publish] = []
+        size = 0
+        for queued in batch:
+            joins = (isinstance(queued, _Publish) and queued.mergeable and run
+                     and run[0].mergeable and queued.tag == run[0].tag
+                     and size + len(queued.message[0]) <= MERGE_BYTES)
+            if run and not joins:
+                sent.append(run[0].joined(run, self.wired))
+                spans.append(len(run))
+                run, size = [], 0
+            if isinstance(queued, _Publish):
+                run.append(queued)
+                size += len(queued.message[0])
+            else:
+                sent.append(queued)
+                spans.append(1)
+        if run:
+            sent.append(run[0].joined(run, self.wired))
+            spans.append(len(run))
+        return sent, spans
+
     def rerunnable(self, batch: list[Queued], replies: list[Any]) -> list[int]:
         if self._transaction:  # One Redis: every NOSCRIPT call, as the base class does.
             return super().rerunnable(batch, replies)
@@ -602,3 +694,39 @@ class _PublishQueue(Batcher):
             else:  # Ran, or may have (an error in place: a lost connection, a timeout).
                 ran_later.add(room)
         return sorted(keep)
+
+
+class _Publish(Queued):
+    """A publish waiting in a _PublishQueue: its script's KEYS, the ARGV common to a run of
+    publishes of its room, its own message's three, and those three packed (on a batcher's
+    own wire), so that a run is packed by joining them under one header."""
+
+    __slots__ = ("common", "keys", "message", "tail")
+
+    def __init__(self, command: tuple[Any, ...], script: AsyncScript, tag: str,
+                 future: asyncio.Future[Any], keys: list[str], common: list[Any],
+                 message: tuple[bytes, str, int], tail: bytes) -> None:
+        super().__init__(command, script, tag, future)
+        self.keys = keys
+        self.common = common
+        self.message = message
+        self.tail = tail
+
+    @property
+    def mergeable(self) -> bool:
+        """False for a publish with an idempotency key (KEYS[3]): it runs alone."""
+        return len(self.keys) == 2
+
+    def joined(self, run: list[_Publish], wired: bool) -> Queued:
+        """The one command of ``run`` (this publish first): this one alone, or a new one."""
+        head = ("EVALSHA", self.command[1], len(self.keys), *self.keys, *self.common, len(run))
+        if len(run) == 1:
+            if wired and not self.packed:
+                self.packed = b"*%d\r\n" % len(self.command) + pack_args(head) + self.tail
+            return self
+        command = head + tuple(arg for publish in run for arg in publish.message)
+        packed = b""
+        if wired:
+            packed = (b"*%d\r\n" % len(command) + pack_args(head)
+                      + b"".join(publish.tail for publish in run))
+        return Queued(command, self.script, self.tag, self.future, packed)

@@ -107,6 +107,11 @@ class Batcher:
         refreshed it."""
         return cls(client, pipelined=not isinstance(client, RedisCluster))
 
+    @property
+    def wired(self) -> bool:
+        """True when batches go over the batcher's own connection: items carry their RESP."""
+        return self._wire is not None
+
     def call(self, *command: Any, tag: Any = None) -> Awaitable[Any]:
         """Queue ``command`` (``"SADD", key, member``...); the future gets its reply."""
         if not self._pipelined:
@@ -133,7 +138,16 @@ class Batcher:
             except DataError as exc:  # This caller's mistake: its own error, nothing sent.
                 future.set_exception(exc)
                 return future
-        self._queue.append(Queued(command, script, tag, future, packed))
+        return self.push(Queued(command, script, tag, future, packed))
+
+    def push(self, queued: Queued) -> asyncio.Future[Any]:
+        """Queue ``queued`` (a subclass's own item; its future is the caller's) and start the
+        sender if it is idle."""
+        future = queued.future
+        if self._closed:
+            future.set_exception(_closed())
+            return future
+        self._queue.append(queued)
         if self._sender is None or self._sender.done():
             # A fresh context: the sender serves every caller, its log lines none of theirs.
             self._sender = asyncio.create_task(self._send(), name="redis-batcher",
@@ -330,8 +344,14 @@ _SENDABLE = (bytes, memoryview, str, int, float)
 def _pack(command: tuple[Any, ...]) -> bytes:
     """``command`` in RESP; the argument types redis-py's encoder takes (str as UTF-8), and
     its DataError for the others (a bool, None)."""
-    out = [b"*%d\r\n" % len(command)]
-    for arg in command:
+    return b"*%d\r\n" % len(command) + pack_args(command)
+
+
+def pack_args(args: tuple[Any, ...]) -> bytes:
+    """``args`` as the bulk strings of a RESP command, without the array header that counts
+    them (so that a subclass can join the arguments of several calls under one header)."""
+    out = []
+    for arg in args:
         kind = type(arg)  # The usual types first, by identity: this runs for every argument.
         if kind is str:
             arg = arg.encode()

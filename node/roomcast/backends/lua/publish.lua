@@ -1,22 +1,30 @@
--- Assign the next offset of a room, store the message in its history and publish it, atomically,
--- so that history order and live order can never disagree. With an idempotency key, a retry of
--- a publish made within the window publishes and stores nothing and returns the first result.
+-- Assign the next offsets of a room, store the messages in its history and publish them,
+-- atomically, so that history order and live order can never disagree. One call publishes one
+-- message or several consecutive ones of the same room (a publish queue's batch merges them:
+-- broker_redis._PublishQueue): one script run and one pub/sub message for all of them. With an
+-- idempotency key (one message only), a retry of a publish made within the window publishes and
+-- stores nothing and returns the first result.
 --
 -- KEYS[1]  meta hash of the room   (fields: offset, epoch)
 -- KEYS[2]  history stream of the room
 -- KEYS[3]  optional: idempotency key of this publish (string "offset epoch"), in the room's slot
 -- ARGV[1]  pub/sub channel of the room
--- ARGV[2]  message envelope without its closing brace (see protocol.message_prefix)
--- ARGV[3]  origin conn_id (with --redis-cluster: "<conn_id> <room>", the room named in the frame)
--- ARGV[4]  history size (0 = keep no history)
--- ARGV[5]  history TTL in milliseconds (0 = no expiry)
--- ARGV[6]  epoch to use if the room has none yet (its history is new or was lost)
--- ARGV[7]  publish timestamp, unix microseconds (for fan-out latency)
--- ARGV[8]  PUBLISH, or SPUBLISH (--redis-cluster: ARGV[1] is the partition's sharded channel,
+-- ARGV[2]  history size (0 = keep no history)
+-- ARGV[3]  history TTL in milliseconds (0 = no expiry)
+-- ARGV[4]  epoch to use if the room has none yet (its history is new or was lost)
+-- ARGV[5]  PUBLISH, or SPUBLISH (--redis-cluster: ARGV[1] is the partition's sharded channel,
 --          in the same slot as KEYS)
--- ARGV[9]  with KEYS[3]: idempotency window in milliseconds (> 0)
--- Returns {offset, epoch, duplicate}: duplicate is 1 when KEYS[3] held a result (nothing was
--- published), else 0.
+-- ARGV[6]  with KEYS[3]: idempotency window in milliseconds (> 0); else ignored
+-- ARGV[7]  n, the number of messages (1 with KEYS[3])
+-- then, per message i (1..n), three arguments from ARGV[8 + 3 * (i - 1)]:
+--          its envelope without the closing brace (see protocol.message_prefix), its origin
+--          (conn_id; with --redis-cluster "<conn_id> <room>", the room named in the frame), and
+--          its publish timestamp in unix microseconds (for fan-out latency)
+-- Returns {offset, epoch, duplicate}: offset is the first message's (message i has offset + i -
+-- 1); duplicate is 1 when KEYS[3] held a result (nothing was published), else 0.
+--
+-- Pub/sub message: one message is its frame, "<offset> <epoch> <ts_us> <origin>\n<envelope>";
+-- n > 1 is "*<n>\n" followed, per message, by "<length of its frame>\n<frame>" (lengths in bytes).
 if KEYS[3] then
   local seen = redis.call('GET', KEYS[3])
   if seen then
@@ -29,23 +37,42 @@ if KEYS[3] then
 end
 local epoch = redis.call('HGET', KEYS[1], 'epoch')
 if not epoch then
-  epoch = ARGV[6]
+  epoch = ARGV[4]
   redis.call('HSET', KEYS[1], 'epoch', epoch)
   redis.call('DEL', KEYS[2])  -- a leftover stream of a lost epoch must not block new IDs
 end
-local offset = redis.call('HINCRBY', KEYS[1], 'offset', 1)
-local payload = ARGV[2] .. ',"offset":' .. offset .. ',"epoch":"' .. epoch .. '"}'
-local size = tonumber(ARGV[4])
-if size > 0 then
-  redis.call('XADD', KEYS[2], 'MAXLEN', size, offset .. '-0', 'm', payload)
+local n = tonumber(ARGV[7])
+local last = redis.call('HINCRBY', KEYS[1], 'offset', n)
+local first = last - n + 1
+local size = tonumber(ARGV[2])
+local tail = ',"epoch":"' .. epoch .. '"}'
+local frames = {}
+for i = 1, n do
+  local base = 8 + 3 * (i - 1)
+  local offset = first + i - 1
+  local payload = ARGV[base] .. ',"offset":' .. offset .. tail
+  if size > 0 then
+    redis.call('XADD', KEYS[2], 'MAXLEN', size, offset .. '-0', 'm', payload)
+  end
+  frames[i] = offset .. ' ' .. epoch .. ' ' .. ARGV[base + 2] .. ' ' .. ARGV[base + 1] .. '\n'
+    .. payload
 end
-local ttl = tonumber(ARGV[5])
+local ttl = tonumber(ARGV[3])
 if ttl > 0 then
   redis.call('PEXPIRE', KEYS[1], ttl)
   if size > 0 then redis.call('PEXPIRE', KEYS[2], ttl) end
 end
-redis.call(ARGV[8], ARGV[1], offset .. ' ' .. epoch .. ' ' .. ARGV[7] .. ' ' .. ARGV[3] .. '\n' .. payload)
-if KEYS[3] then
-  redis.call('SET', KEYS[3], offset .. ' ' .. epoch, 'PX', ARGV[9])
+if n == 1 then
+  redis.call(ARGV[5], ARGV[1], frames[1])
+else
+  local parts = {'*' .. n .. '\n'}
+  for i = 1, n do
+    parts[2 * i] = #frames[i] .. '\n'
+    parts[2 * i + 1] = frames[i]
+  end
+  redis.call(ARGV[5], ARGV[1], table.concat(parts))
 end
-return {offset, epoch, 0}
+if KEYS[3] then
+  redis.call('SET', KEYS[3], first .. ' ' .. epoch, 'PX', ARGV[6])
+end
+return {first, epoch, 0}
