@@ -246,20 +246,26 @@ async def test_an_invalid_publish_in_a_burst_is_answered_in_its_place(
 # --- 4. Redis loses its scripts mid-burst -----------------------------------------------------
 
 
+@pytest.mark.parametrize("rooms", [("r",), ("r", "s")], ids=["one room", "two rooms, turn about"])
 async def test_script_flush_during_a_burst_loses_and_duplicates_nothing_acked(
-    start_node: StartNode, redis_server: RedisServer, redis_client: aioredis.Redis,
+    rooms: tuple[str, ...], start_node: StartNode, redis_server: RedisServer,
+    redis_client: aioredis.Redis,
 ) -> None:
     """SCRIPT FLUSH in the middle of each of ten bursts of 200 publishes from one connection:
     the node loads the script again and reruns what failed, so all 2000 are acked, in order,
-    and the member on the other node gets each of them exactly once, in order."""
+    and the member on the other node gets each of them exactly once, in order. In one room a
+    pipeline's publishes are one or two calls of the script (merged runs); in two rooms taken
+    turn about, each publish is a call of its own, several per room in one pipeline."""
     a, b = two_nodes(start_node, redis_server)
     member = await native(b, "member")
-    await join(member, "r")
+    for room in rooms:
+        await join(member, room)
     pub = await native(a, "pub")
     # One publish first: Redis has the script before the bursts. (On a fresh Redis the first
     # pipeline gets NOSCRIPT too, and a flush between that reload and the rerun is a second
     # loss of the script, which the node answers with 'unavailable': nothing stored.)
-    await barrier(pub, "r", member)
+    for room in rooms:
+        await barrier(pub, room, member)
     rounds, half = 10, 100
     blob = "x" * 200  # Longer pipelines: more chance that a flush lands inside one.
     sha = hashlib.sha1(load_script("publish").encode()).hexdigest()
@@ -269,21 +275,25 @@ async def test_script_flush_during_a_burst_loses_and_duplicates_nothing_acked(
         # Half the burst is in flight (read ahead, pipelined) when the flush runs; the other
         # half reaches Redis after it, so every round makes the node reload the script.
         for i in range(first, first + half):
-            await pub.send(publish("r", {"n": i, "blob": blob}, i))
+            await pub.send(publish(rooms[i % len(rooms)], {"n": i, "blob": blob}, i))
         assert await redis_client.script_flush()
         for i in range(first + half, first + 2 * half):
-            await pub.send(publish("r", {"n": i, "blob": blob}, i))
+            await pub.send(publish(rooms[i % len(rooms)], {"n": i, "blob": blob}, i))
         replies += await answers(pub, 2 * half)
         assert await redis_client.script_exists(sha) == [True]  # Reloaded by the node.
     count = rounds * 2 * half
     assert [m["id"] for m in replies] == list(range(count))
     refused = [m for m in replies if m["type"] != "published"]
     assert refused == []
-    assert [m["offset"] for m in replies] == list(range(2, count + 2))
+    for room in rooms:
+        mine = [m for m in replies if m["room"] == room]
+        assert [m["offset"] for m in mine] == list(range(2, len(mine) + 2))
     got = await messages(member, count)
-    assert [(m["data"]["n"], m["offset"]) for m in got] == [
-        (m["id"], m["offset"]) for m in replies]
-    await barrier(pub, "r", member)
+    for room in rooms:
+        assert [(m["data"]["n"], m["offset"]) for m in got if m["room"] == room] == [
+            (m["id"], m["offset"]) for m in replies if m["room"] == room]
+    for room in rooms:
+        await barrier(pub, room, member)
 
 
 # --- 5. recovery while a burst flows ----------------------------------------------------------

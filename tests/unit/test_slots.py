@@ -234,8 +234,9 @@ class Monitor:
         self._writer.write(b"MONITOR\r\n")
         assert await asyncio.wait_for(self._reader.readline(), 5) == b"+OK\r\n"
 
-    async def stop(self, client: aioredis.Redis) -> list[Command]:
-        """Read up to a marker sent now (bounded), then close; resolve every command's keys."""
+    async def stop(self, client: aioredis.Redis, keys: bool = True) -> list[Command]:
+        """Read up to a marker sent now (bounded), then close; resolve every command's keys
+        (unless not ``keys``)."""
         assert self._reader is not None and self._writer is not None
         marker = f"end-of-monitor-{secrets.token_hex(4)}"
         await client.echo(marker)
@@ -251,6 +252,8 @@ class Monitor:
         self._writer.close()
         with contextlib.suppress(OSError):
             await self._writer.wait_closed()
+        if not keys:
+            return self.commands
         # The keys of each command, as the server itself finds them (COMMAND GETKEYS).
         async with client.pipeline(transaction=False) as pipe:
             for command in self.commands:

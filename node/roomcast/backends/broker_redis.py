@@ -16,10 +16,8 @@ the node checks Redis' pub/sub output-buffer limit (``check_pubsub_limit``): a l
 a node that falls behind for a moment makes Redis cut its pub/sub connection.
 
 Pub/sub frame: ``b"<offset> <epoch> <ts_us> <origin>\\n" + envelope``; offset 0 = ephemeral event.
-A pub/sub message is one frame, or ``b"*<n>\\n"`` and n times ``b"<length>\\n" + frame``: the
-consecutive publishes of one room that one pipeline carried, which publish.lua ran as one call
-(``_PublishQueue.merged``, ``parse_message``). A node older than that format drops such a
-message as foreign and refills the room from history at the next frame (docs/RUNBOOK.md).
+The consecutive publishes of one room that one pipeline carries run as one call of publish.lua
+(``_PublishQueue.merged``); each is still its own pub/sub frame.
 """
 
 from __future__ import annotations
@@ -76,8 +74,8 @@ PUBSUB_IDLE_PING = 5.0
 #: publish) and its replies are a few tens of KB.
 PUBLISH_BATCH = 512
 #: Most envelope bytes of the consecutive publishes of one room that a pipeline merges into one
-#: run of publish.lua, and so into one pub/sub message (_PublishQueue.merged). A constant: it
-#: bounds one pub/sub message, which every node subscribed to the room reads whole.
+#: run of publish.lua (_PublishQueue.merged). A constant: it bounds the arguments of one script
+#: call and how long Redis runs it (about 8 us per message).
 MERGE_BYTES = 256 * 1024
 
 #: Seconds between two write probes. A constant: readiness should follow Redis within about a
@@ -118,31 +116,6 @@ def parse_frame(channel: bytes, data: bytes,
         room, payload, int(offset), "" if epoch == b"-" else epoch.decode(), origin.decode(),
         int(ts_us),
     )
-
-
-def parse_message(channel: bytes, data: bytes,
-                  room_of_channel: Callable[[str], str] | None = None) -> list[Publication]:
-    """The publications of one pub/sub message: one frame, or several of one room that
-    lua/publish.lua published together, ``*<n>\\n`` then ``<length>\\n<frame>`` each. Raises
-    ValueError for anything else, before any of them is delivered."""
-    if not data.startswith(b"*"):
-        return [parse_frame(channel, data, room_of_channel)]
-    newline = data.find(b"\n")
-    head = data[1:newline]
-    if newline < 0 or not head.isdigit() or int(head) < 2:
-        raise ValueError("a batch of frames without its count")
-    publications = []
-    pos = newline + 1
-    for _ in range(int(head)):
-        newline = data.find(b"\n", pos)
-        length = data[pos:newline]
-        if newline < 0 or not length.isdigit() or newline + 1 + int(length) > len(data):
-            raise ValueError("a batch of frames cut short")
-        pos = newline + 1 + int(length)
-        publications.append(parse_frame(channel, data[newline + 1:pos], room_of_channel))
-    if pos != len(data):
-        raise ValueError("a batch of frames with bytes after its last")
-    return publications
 
 
 def event_frame(payload: bytes, origin: str, room: str | None = None) -> bytes:
@@ -448,14 +421,13 @@ class RedisBroker:
         if self._on_publication is None:
             return
         try:
-            publications = parse_message(channel, data, self._keys.room_of_channel)
+            publication = parse_frame(channel, data, self._keys.room_of_channel)
         except (ValueError, UnicodeDecodeError):
             # Not a roomcast frame (someone else PUBLISHed on our channel): drop it.
             log.warning("dropped a pub/sub message that is not a roomcast frame",
                         channel=as_str(channel))
             return
-        for publication in publications:
-            self._on_publication(publication)
+        self._on_publication(publication)
 
     def _confirmed(self, kind: bytes, channel: bytes) -> None:
         """Subscription's callback for every (un)subscribe confirmation."""
@@ -635,10 +607,12 @@ class _PublishQueue(Batcher):
 
     async def pipeline(self, batch: list[Queued]) -> list[Any]:
         """Send ``batch`` with the runs of consecutive publishes of one room merged, each into
-        one run of publish.lua (one script call and one pub/sub message for all of them), and
-        give each publish its own reply: its offset is the run's first plus its place in it.
-        Redis runs the merged call where the first publish of the run stood, and the others of
-        the run came right after it in the batch: the order is the same."""
+        one run of publish.lua (which stores and publishes each message as its own call did),
+        and give each publish its own reply: its offset is the run's first plus its place in
+        it. Redis runs the merged call where the first publish of the run stood, and the others
+        of the run came right after it in the batch: the order is the same. A failure of the
+        merged call is each of its publishes' failure (and one failure in the node's Redis
+        error counts, as the call is one command)."""
         sent, spans = self.merged(batch)
         replies = await super().pipeline(sent)
         if len(sent) == len(batch):

@@ -11,7 +11,7 @@ assigns offsets as it publishes (``MemoryHistory.append`` here, lua/publish.lua 
 from __future__ import annotations
 
 import collections
-import secrets
+import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -63,8 +63,13 @@ class History(Protocol):
 
 
 def new_epoch() -> str:
-    """A short random epoch label (hex: safe to splice into JSON unescaped)."""
-    return secrets.token_hex(4)
+    """A short random epoch label (hex: safe to splice into JSON unescaped).
+
+    Not a secret (every message shows its epoch), only unlikely to repeat: random's generator,
+    seeded from the OS at start, not secrets', which reads the OS on every call. Redis nodes
+    make one for every publish (used only if the room has no epoch yet), where the system call
+    was 4% of the publishing node's time."""
+    return f"{random.getrandbits(32):08x}"
 
 
 def recovery_result(

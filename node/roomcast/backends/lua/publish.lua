@@ -1,7 +1,7 @@
 -- Assign the next offsets of a room, store the messages in its history and publish them,
 -- atomically, so that history order and live order can never disagree. One call publishes one
 -- message or several consecutive ones of the same room (a publish queue's batch merges them:
--- broker_redis._PublishQueue): one script run and one pub/sub message for all of them. With an
+-- broker_redis._PublishQueue): one script run for all of them. With an
 -- idempotency key (one message only), a retry of a publish made within the window publishes and
 -- stores nothing and returns the first result.
 --
@@ -23,8 +23,11 @@
 -- Returns {offset, epoch, duplicate}: offset is the first message's (message i has offset + i -
 -- 1); duplicate is 1 when KEYS[3] held a result (nothing was published), else 0.
 --
--- Pub/sub message: one message is its frame, "<offset> <epoch> <ts_us> <origin>\n<envelope>";
--- n > 1 is "*<n>\n" followed, per message, by "<length of its frame>\n<frame>" (lengths in bytes).
+-- Each message is its own pub/sub message, "<offset> <epoch> <ts_us> <origin>\n<envelope>", as
+-- when they were published one call each: a node of any version reads them.
+if KEYS[3] and ARGV[7] ~= '1' then
+  return redis.error_reply('ERR an idempotent publish is one message')
+end
 if KEYS[3] then
   local seen = redis.call('GET', KEYS[3])
   if seen then
@@ -46,7 +49,6 @@ local last = redis.call('HINCRBY', KEYS[1], 'offset', n)
 local first = last - n + 1
 local size = tonumber(ARGV[2])
 local tail = ',"epoch":"' .. epoch .. '"}'
-local frames = {}
 for i = 1, n do
   local base = 8 + 3 * (i - 1)
   local offset = first + i - 1
@@ -54,23 +56,13 @@ for i = 1, n do
   if size > 0 then
     redis.call('XADD', KEYS[2], 'MAXLEN', size, offset .. '-0', 'm', payload)
   end
-  frames[i] = offset .. ' ' .. epoch .. ' ' .. ARGV[base + 2] .. ' ' .. ARGV[base + 1] .. '\n'
-    .. payload
+  redis.call(ARGV[5], ARGV[1],
+    offset .. ' ' .. epoch .. ' ' .. ARGV[base + 2] .. ' ' .. ARGV[base + 1] .. '\n' .. payload)
 end
 local ttl = tonumber(ARGV[3])
 if ttl > 0 then
   redis.call('PEXPIRE', KEYS[1], ttl)
   if size > 0 then redis.call('PEXPIRE', KEYS[2], ttl) end
-end
-if n == 1 then
-  redis.call(ARGV[5], ARGV[1], frames[1])
-else
-  local parts = {'*' .. n .. '\n'}
-  for i = 1, n do
-    parts[2 * i] = #frames[i] .. '\n'
-    parts[2 * i + 1] = frames[i]
-  end
-  redis.call(ARGV[5], ARGV[1], table.concat(parts))
 end
 if KEYS[3] then
   redis.call('SET', KEYS[3], first .. ' ' .. epoch, 'PX', ARGV[6])
