@@ -1,5 +1,7 @@
 """A TCP proxy on loopback that can freeze chosen connections: they stay open but stop
-forwarding, as a half-open connection (a crashed host, a dropped NAT entry) does."""
+forwarding, as a half-open connection (a crashed host, a dropped NAT entry) does; or cut them
+once the server has answered, the answer lost (a connection that breaks after the server ran
+what it was sent)."""
 
 from __future__ import annotations
 
@@ -23,6 +25,15 @@ class FreezingProxy:
         self.port = self._server.sockets[0].getsockname()[1]
         return self
 
+    def cut(self, marker: bytes) -> int:
+        """On the matching connections, the server's next bytes are dropped and the client's
+        side closed instead: what the client sent reached the server, the reply never comes
+        back. Returns how many connections."""
+        hit = [c for c in self._conns if marker in c["seen"]]  # type: ignore[operator]
+        for conn in hit:
+            conn["cut"] = True
+        return len(hit)
+
     def freeze(self, marker: bytes) -> int:
         """Freeze the matching connections; returns how many."""
         hit = [c for c in self._conns if marker in c["seen"]]  # type: ignore[operator]
@@ -32,7 +43,7 @@ class FreezingProxy:
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.upstream_port)
-        conn: dict[str, object] = {"seen": b"", "frozen": False}
+        conn: dict[str, object] = {"seen": b"", "frozen": False, "cut": False}
         self._conns.append(conn)
 
         async def pump(src: asyncio.StreamReader, dst: asyncio.StreamWriter, sniff: bool) -> None:
@@ -42,6 +53,8 @@ class FreezingProxy:
                         conn["seen"] = conn["seen"] + data  # type: ignore[operator]
                     if conn["frozen"]:
                         continue  # Swallowed: neither side hears from the other again.
+                    if conn["cut"] and not sniff:
+                        break  # The server's answer, lost: the client's side closes below.
                     dst.write(data)
                     await dst.drain()
             with contextlib.suppress(OSError):

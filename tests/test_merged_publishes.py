@@ -105,6 +105,19 @@ def runs(commands: list[Command]) -> list[Run | str]:
     return out
 
 
+def joined_runs(calls: list[Run | str]) -> list[Run | str]:
+    """``calls`` with neighbouring calls of one room (a run split by a pipeline's end) as one."""
+    out: list[Run | str] = []
+    for call in calls:
+        last = out[-1] if out else None
+        if (isinstance(call, Run) and isinstance(last, Run) and last.room == call.room
+                and not last.keyed and not call.keyed):
+            out[-1] = Run(call.room, last.count + call.count, False)
+        else:
+            out.append(call)
+    return out
+
+
 async def test_a_burst_to_one_room_runs_as_few_scripts_and_each_message_arrives_once(
     start_node: StartNode, redis_server: RedisServer, redis_client: aioredis.Redis,
 ) -> None:
@@ -180,10 +193,12 @@ async def test_runs_break_at_another_room_and_an_event_and_the_order_holds(
     assert [m["data"] if m["type"] == "message" else "typing" for m in got] == [
         0, 1, 2, 3, 4, "typing", 5, 6]
     assert [m["room"] for m in got] == ["ra"] * 3 + ["rb"] * 2 + ["ra"] * 3
-    # The pipeline in flight when Redis stopped may hold the first of ra's messages alone.
-    assert calls[-4:] == [Run("ra", calls[-4].count, False), Run("rb", 2, False), "event:ra",
-                          Run("ra", 2, False)], calls
-    assert sum(run.count for run in calls if isinstance(run, Run) and run.room == "ra") == 5
+    # The pipeline in flight when Redis stopped holds a first part of the five publishes (as
+    # many as the node had read when it left), so a run may be split where it ended: joined
+    # back, the calls are the runs, and the second pipeline's typing and ra run close them.
+    assert len(calls) <= 5, calls
+    assert joined_runs(calls) == [Run("ra", 3, False), Run("rb", 2, False), "event:ra",
+                                  Run("ra", 2, False)], calls
     await barrier(pub, "ra", member)
     await barrier(pub, "rb", member)
 

@@ -20,6 +20,7 @@ from roomcast import backends
 from roomcast.backends.redis_batch import Batcher
 from roomcast.config import Config
 from tests.harness import RedisServer, wait_for
+from tests.tcpproxy import FreezingProxy
 
 #: Increments a key and returns its new value (KEYS[1]).
 INCR_SCRIPT = "return redis.call('INCR', KEYS[1])"
@@ -130,6 +131,51 @@ async def test_a_batch_after_a_redis_restart_is_sent_again_on_a_fresh_connection
         redis_server.start()
         assert await asyncio.wait_for(batcher.call("INCR", "r"), 10) == 1
         assert await client.get("r") == b"1"
+        await batcher.close()
+    finally:
+        await client.aclose()
+
+
+async def test_a_publish_batch_that_may_have_run_is_not_sent_again(
+    redis_server: RedisServer, redis_client: aioredis.Redis,
+) -> None:
+    """The publish queue's kind of batcher (MULTI/EXEC, resend off): its connection breaks
+    after Redis ran the batch, the reply lost. The caller gets the ConnectionError (the node
+    answers 'unavailable'); the batch is not sent a second time, so it ran once, and the next
+    batch goes on a fresh connection."""
+    proxy = await FreezingProxy(redis_server.port).start()
+    client = aioredis.Redis(port=proxy.port, socket_timeout=5, client_name="publish-queue")
+    try:
+        batcher = Batcher(client, transaction=True, resend=False)
+        assert await batcher.call("INCR", "p") == 1
+        assert proxy.cut(b"publish-queue") == 1
+        with pytest.raises(RedisConnectionError):
+            await asyncio.wait_for(batcher.call("INCR", "p"), 10)
+        assert await redis_client.get("p") == b"2"  # It ran, once.
+        assert await asyncio.wait_for(batcher.call("INCR", "p"), 10) == 3
+        await batcher.close()
+    finally:
+        await client.aclose()
+        await proxy.close()
+
+
+async def test_a_publish_batch_after_a_redis_restart_goes_on_a_fresh_connection(
+    redis_server: RedisServer,
+) -> None:
+    """With resend off, a connection that Redis closed while it was idle (a restart) is
+    replaced before anything is written to it: the next batch runs, once."""
+    client = aioredis.Redis.from_url(redis_server.url, socket_timeout=5)
+    try:
+        batcher = Batcher(client, transaction=True, resend=False)
+        assert await batcher.call("INCR", "q") == 1
+        redis_server.kill()
+        redis_server.start()
+        wire = batcher._wire
+        assert wire is not None and wire._conn is not None
+        reader = wire._conn._reader
+        # Barrier: the node's event loop has seen the old Redis close the connection.
+        await wait_for(lambda: reader is not None and reader.at_eof(), what="the close seen")
+        assert await asyncio.wait_for(batcher.call("INCR", "q"), 10) == 1
         await batcher.close()
     finally:
         await client.aclose()

@@ -230,7 +230,8 @@ class Monitor:
 
     async def start(self) -> None:
         self._reader, self._writer = await asyncio.wait_for(
-            asyncio.open_connection(self.host, self.port), 5)
+            # A script call with hundreds of arguments is one long line.
+            asyncio.open_connection(self.host, self.port, limit=1 << 24), 5)
         self._writer.write(b"MONITOR\r\n")
         assert await asyncio.wait_for(self._reader.readline(), 5) == b"+OK\r\n"
 

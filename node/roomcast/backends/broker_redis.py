@@ -527,8 +527,10 @@ class RedisBroker:
             raise BrokerUnavailable("redis is unavailable")
         size, ttl = self._retention(room)
         keys = [self._keys.meta(room), self._keys.stream(room)]
+        # str and int only, by construction: a run's shared arguments are packed when its
+        # batch is sent (_Publish.joined), where a DataError would fail the whole batch.
         common: list[bytes | str | int] = [
-            self._keys.channel(room), size, int(ttl * 1000), new_epoch(),
+            self._keys.channel(room), int(size), int(ttl * 1000), new_epoch(),
             "SPUBLISH" if self._sharded else "PUBLISH", 0,
         ]
         if idempotency_key is not None:
@@ -592,7 +594,9 @@ class _PublishQueue(Batcher):
     key; an event has none."""
 
     def __init__(self, client: Any, sharded: bool, health: RedisHealth) -> None:
-        super().__init__(client, transaction=not sharded, limit=PUBLISH_BATCH, health=health)
+        # A batch that may have run is never sent again: its publishes fail ('unavailable').
+        super().__init__(client, transaction=not sharded, limit=PUBLISH_BATCH, health=health,
+                         resend=False)
 
     def publish(self, script: AsyncScript, keys: list[str], common: list[Any],
                 message: tuple[bytes, str, int]) -> asyncio.Future[Any]:

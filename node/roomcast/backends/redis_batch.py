@@ -22,10 +22,12 @@ write of the packed commands and one read of their replies through hiredis, unde
 --redis-timeout, which starts again whenever data arrives (as redis-py times each read): about
 7 us of the node's CPU per command, against about 40 through redis-py's Pipeline (its
 per-command stack, response callbacks and per-reply reads), measured with 20 scripts per batch.
-Its failure rules are the command client's (redis_common.connect): a ConnectionError on a
-connection that was already open (a socket left stale by a Redis restart) disconnects and sends
-the batch once more on a fresh connection; a timeout fails the batch (its commands may have
-run), never retried.
+Its failure rules are the command client's (redis_common.connect): a connection Redis closed
+while it was idle is replaced before the batch is written; a ConnectionError on a connection
+that was already open (a socket left stale by a Redis restart) disconnects and sends the batch
+once more on a fresh connection, except a written batch of the publish queue (``resend`` off:
+Redis may have run it, and publishes run twice would be stored and delivered twice); a timeout
+fails the batch (its commands may have run), never retried.
 
 On a Redis Cluster the backends' batchers send each command alone (``Batcher.for_backend``):
 redis-py's cluster pipeline neither retries a lost connection nor refreshes its slot map when a
@@ -84,7 +86,8 @@ class Batcher:
     """One client's auto-pipeline (``transaction``: each batch a MULTI/EXEC)."""
 
     def __init__(self, client: Any, transaction: bool = False, limit: int = BATCH_LIMIT,
-                 health: RedisHealth | None = None, pipelined: bool = True) -> None:
+                 health: RedisHealth | None = None, pipelined: bool = True,
+                 resend: bool = True) -> None:
         self.client = client
         #: Where errors in place are reported: the client's own RedisHealth by default.
         self._health = health if health is not None else getattr(client, "health", None)
@@ -95,8 +98,10 @@ class Batcher:
         self._queue: list[Queued] = []
         self._sender: asyncio.Task[None] | None = None
         self._closed = False
-        #: Its own connection, on one Redis (not a cluster, whose pipeline routes by slot).
-        self._wire = _Wire(client) if pipelined and isinstance(client, Redis) else None
+        #: Its own connection, on one Redis (not a cluster, whose pipeline routes by slot);
+        #: ``resend``: see _Wire.
+        self._wire = (_Wire(client, resend) if pipelined and isinstance(client, Redis)
+                      else None)
 
     @classmethod
     def for_backend(cls, client: Any) -> Batcher:
@@ -258,16 +263,24 @@ class _Wire:
     library's minor version (pyproject.toml).
     """
 
-    def __init__(self, client: Redis) -> None:
+    def __init__(self, client: Redis, resend: bool = True) -> None:
         self._pool = client.connection_pool
         self._conn: AbstractConnection | None = None
+        #: False: a batch that may have reached Redis is never sent again (the publish queue:
+        #: a publish that ran and is sent again is stored and delivered twice).
+        self._resend = resend
+        #: Whether the batch being exchanged was written (it may have reached Redis).
+        self._written = False
 
     async def run(self, batch: list[Queued], transaction: bool) -> list[Any]:
         """The replies of ``batch`` (in a MULTI/EXEC when ``transaction``), errors in place.
-        A ConnectionError on a connection that was open from before (left stale by a Redis
-        restart) sends them once more on a fresh one, as the command client retries; any
-        other failure, and one on a fresh connection (whose connect has retried already), is
-        raised."""
+
+        A connection Redis closed while it was idle (a restart) is replaced before anything is
+        written to it. A ConnectionError on a connection that was open from before (left stale
+        by a restart the node has not seen yet) sends the batch once more on a fresh one, as
+        the command client retries, unless the batch was written and ``resend`` is off: then
+        Redis may have run it, and the error is raised. Any other failure, and one on a fresh
+        connection (whose connect has retried already), is raised."""
         count = len(batch)
         payload = b"".join(queued.packed for queued in batch)
         if transaction:
@@ -276,20 +289,23 @@ class _Wire:
             if self._conn is None:
                 self._conn = self._pool.make_connection()  # type: ignore[no-untyped-call]
             conn = self._conn
+            if conn.is_connected and _closed_by_peer(conn):
+                await conn.disconnect(nowait=True)  # Nothing sent: a fresh one, no retry spent.
             stale = conn.is_connected
+            self._written = False
             try:
                 replies = await self._exchange(conn, payload, count + 2 if transaction else count)
             except BaseException as exc:
                 # Whatever was left unread makes the connection useless: a fresh one next time.
                 self._conn = None
                 await conn.disconnect(nowait=True)
-                if stale and isinstance(exc, RedisConnectionError):
+                if (stale and isinstance(exc, RedisConnectionError)
+                        and (self._resend or not self._written)):
                     continue
                 raise
             return _unwrap(replies, count) if transaction else replies
 
-    @staticmethod
-    async def _exchange(conn: AbstractConnection, payload: bytes, count: int) -> list[Any]:
+    async def _exchange(self, conn: AbstractConnection, payload: bytes, count: int) -> list[Any]:
         if not conn.is_connected:
             await conn.connect()  # type: ignore[no-untyped-call]
         # A PING first when it was idle past the interval (redis-py's rule).
@@ -305,6 +321,7 @@ class _Wire:
             # --redis-timeout for the write, then again for each read that brings data: a long
             # batch that keeps arriving is not cut, as redis-py times each read.
             async with asyncio.timeout(wait) as deadline:
+                self._written = True
                 writer.write(payload)
                 await writer.drain()
                 while len(replies) < count:
@@ -391,6 +408,13 @@ def _unwrap(replies: list[Any], count: int) -> list[Any]:
     failure = done if isinstance(done, BaseException) else ResponseError(
         f"EXEC returned {done!r}")
     return [reply if isinstance(reply, ResponseError) else failure for reply in queued]
+
+
+def _closed_by_peer(conn: AbstractConnection) -> bool:
+    """True when Redis closed ``conn`` (its stream reader saw the end): a connection that
+    cannot have received anything since."""
+    reader = getattr(conn, "_reader", None)
+    return isinstance(reader, asyncio.StreamReader) and reader.at_eof()
 
 
 def _closed() -> RedisConnectionError:
