@@ -87,6 +87,9 @@ async def test_out_of_memory_redis_refuses_publishes_and_readyz_says_oom_until_i
     # Whichever came first: the publish, the probe or presence's lease refresh (a pipeline).
     assert line["error_type"] == "OutOfMemoryError", line
     assert "command not allowed when used memory > 'maxmemory'" in line["error"], line
+    # Every line names its node, also those of the Redis batcher, which serves every caller.
+    assert [x["node_id"] for x in logged(node, "redis command failed")] == [node.node_id] * len(
+        logged(node, "redis command failed"))
     assert logged(node, "redis not ready", reason="oom", level="warning")
     assert redis_errors(node)["oom"] >= 1
 

@@ -54,6 +54,8 @@ class Node:
         cannot be used."""
         self.config = config
         self.node_id = config.node_id
+        # Bound before the backends are made: their Redis batchers log with it (redis_batch).
+        structlog.contextvars.bind_contextvars(node_id=self.node_id)
         self.metrics = Metrics()
         self.writer = FrameWriter()
         spaces = namespaces.load(config)

@@ -97,6 +97,9 @@ class Batcher:
         self._pipelined = pipelined
         self._queue: list[Queued] = []
         self._sender: asyncio.Task[None] | None = None
+        #: The context the batcher was made in (the node's, with its node_id bound), of which
+        #: each sender runs in a copy.
+        self._context = contextvars.copy_context()
         self._closed = False
         #: Its own connection, on one Redis (not a cluster, whose pipeline routes by slot);
         #: ``resend``: see _Wire.
@@ -154,9 +157,10 @@ class Batcher:
             return future
         self._queue.append(queued)
         if self._sender is None or self._sender.done():
-            # A fresh context: the sender serves every caller, its log lines none of theirs.
+            # The sender serves every caller: its log lines carry none of theirs (conn_id),
+            # only what was bound where the batcher was made (the node's node_id).
             self._sender = asyncio.create_task(self._send(), name="redis-batcher",
-                                               context=contextvars.Context())
+                                               context=self._context.copy())
         return future
 
     async def close(self) -> None:
