@@ -9,10 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import signal
-import urllib.request
-from collections.abc import AsyncIterator, Callable, Iterator
-from contextlib import asynccontextmanager, contextmanager
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
 import orjson
@@ -25,33 +23,21 @@ from roomcast.backends.keys import Keys
 from roomcast.backends.redis_common import load_script
 from tests.harness import NodeProcess, RedisServer, barrier, native, wait_for
 from tests.test_api import KEY, ok
-from tests.test_pipelining import FAST, answers, collect, join, messages, publish
+from tests.test_pipelining import (
+    FAST,
+    answers,
+    collect,
+    join,
+    messages,
+    publish,
+    read_count,
+    stopped,
+)
 from tests.unit.test_slots import Command, Monitor
 
 StartNode = Callable[..., NodeProcess]
 KEYS = Keys()
 SHA = hashlib.sha1(load_script("publish").encode()).hexdigest().encode()
-
-
-def read_count(node: NodeProcess, kind: str) -> float:
-    """roomcast_messages_in{type=kind}: frames of that type the node has read and decoded."""
-    with urllib.request.urlopen(f"{node.api}/metrics", timeout=5) as reply:
-        text = reply.read().decode()
-    prefix = f'roomcast_messages_in_total{{type="{kind}"}} '
-    for line in text.splitlines():
-        if line.startswith(prefix):
-            return float(line[len(prefix):])
-    return 0.0
-
-
-@contextmanager
-def stopped(redis: RedisServer) -> Iterator[None]:
-    assert redis.proc is not None
-    redis.proc.send_signal(signal.SIGSTOP)
-    try:
-        yield
-    finally:
-        redis.proc.send_signal(signal.SIGCONT)
 
 
 @asynccontextmanager

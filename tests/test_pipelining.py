@@ -12,7 +12,8 @@ import socket
 import time
 import urllib.request
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -114,14 +115,26 @@ async def test_a_thousand_back_to_back_publishes_are_acked_and_delivered_in_orde
     assert (await barrier(pub, "r", member))["offset"] == count + 1
 
 
-def publishes_read(node: NodeProcess) -> float:
-    """roomcast_messages_in{type="publish"}: publish frames the node has read and decoded."""
+def read_count(node: NodeProcess, kind: str) -> float:
+    """roomcast_messages_in{type=kind}: frames of that type the node has read and decoded."""
     with urllib.request.urlopen(f"{node.api}/metrics", timeout=5) as reply:
         text = reply.read().decode()
+    prefix = f'roomcast_messages_in_total{{type="{kind}"}} '
     for line in text.splitlines():
-        if line.startswith('roomcast_messages_in_total{type="publish"}'):
-            return float(line.rsplit(" ", 1)[1])
+        if line.startswith(prefix):
+            return float(line[len(prefix):])
     return 0.0
+
+
+@contextmanager
+def stopped(redis: RedisServer) -> Iterator[None]:
+    """Redis SIGSTOPped (it holds its connections, answers nothing) until the block ends."""
+    assert redis.proc is not None
+    redis.proc.send_signal(signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        redis.proc.send_signal(signal.SIGCONT)
 
 
 async def test_read_ahead_holds_at_most_a_megabyte_of_large_publishes_while_redis_stalls(
@@ -136,19 +149,15 @@ async def test_read_ahead_holds_at_most_a_megabyte_of_large_publishes_while_redi
     await join(member, "r")
     pub = await native(node, "pub")
     blob, count = "x" * 60_000, 40  # Frames of about 60,050 bytes.
-    assert redis_server.proc is not None
-    redis_server.proc.send_signal(signal.SIGSTOP)
-    try:
+    with stopped(redis_server):
         for i in range(count):
             await pub.send(publish("r", {"n": i, "blob": blob}, i))
-        await wait_for(lambda: publishes_read(node) >= 18, what="18 publishes read")
+        await wait_for(lambda: read_count(node, "publish") >= 18, what="18 publishes read")
         # Barrier: another connection's request served after those frames arrived; the
         # stalled connection's reading stopped at the bound meanwhile.
         other = await native(node, "other")
         assert (await other.request({"type": "ping", "id": "p"}))["type"] == "pong"
-        assert publishes_read(node) == 18
-    finally:
-        redis_server.proc.send_signal(signal.SIGCONT)
+        assert read_count(node, "publish") == 18
     acks = await answers(pub, count, timeout=30)
     assert [(m["type"], m["id"]) for m in acks] == [("published", i) for i in range(count)]
     got = await messages(member, count, timeout=30)

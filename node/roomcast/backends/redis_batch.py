@@ -136,11 +136,8 @@ class Batcher:
     def _enqueue(self, command: tuple[Any, ...], script: AsyncScript | None,
                  tag: Any) -> asyncio.Future[Any]:
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        if self._closed:
-            future.set_exception(_closed())
-            return future
         packed = b""
-        if self._wire is not None:
+        if self._wire is not None and not self._closed:
             try:
                 packed = _pack(command)
             except DataError as exc:  # This caller's mistake: its own error, nothing sent.
