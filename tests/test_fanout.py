@@ -120,3 +120,23 @@ async def test_writer_close_after_queue_drops_pending_frames(pair: Pair) -> None
     with pytest.raises(ConnectionClosed) as closed:
         await asyncio.wait_for(client.recv(), 5)
     assert closed.value.rcvd is not None and closed.value.rcvd.code == 1012
+
+
+async def test_write_soon_joins_the_next_flush_in_order(pair: Pair) -> None:
+    """Replies sent with write_soon (publish acks) wait for the next flush and share its one
+    write, after the fan-out queued before them; a reply sent at once after them (write_now)
+    writes them first, so the client sees everything in the order it was sent."""
+    ws = pair.server_side[0]
+    client = next(c for c in pair.clients if c.local_address[1] == ws.remote_address[1])
+    writer = FrameWriter()
+    writer.send([ws], b'{"fanout":1}')
+    writer.write_soon(ws, b'{"ack":1}')
+    writer.write_soon(ws, b'{"ack":2}')
+    assert writer.writes == 0 and len(writer.pending[ws]) == 3  # Nothing written yet.
+    writer.flush()
+    assert writer.writes == 1  # The frame and both acks: one write.
+    writer.write_soon(ws, b'{"ack":3}')
+    writer.write_now(ws, b'{"reply":1}')  # Flushes ack 3 first.
+    assert ws not in writer.pending
+    got = [await asyncio.wait_for(client.recv(), 5) for _ in range(5)]
+    assert got == ['{"fanout":1}', '{"ack":1}', '{"ack":2}', '{"ack":3}', '{"reply":1}']

@@ -62,6 +62,13 @@ class Session:
         if self.budget.admits(self):
             self.writer.write_now(self.ws, payload)
 
+    def send_soon(self, payload: bytes) -> None:
+        """Write one envelope with the node's next flush (writer.FLUSH_INTERVAL, 1 ms, at
+        most), after the fan-out pending for this client and before anything sent after it:
+        the acks of a burst of publishes share one write. The same send budget as ``send``."""
+        if self.budget.admits(self):
+            self.writer.write_soon(self.ws, payload)
+
     def close(self, code: int, reason: str) -> None:
         """Start the closing handshake in the background, after what fan-out still holds for
         this client (unless it is being cut off as a slow consumer: nothing more for it)."""

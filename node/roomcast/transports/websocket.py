@@ -684,8 +684,8 @@ class WebSocketEndpoint:
                 publication = task.result()
                 out = codec.published(request.room, publication.offset, publication.epoch,
                                       request.id)
-                if out is not None:
-                    session.send(out)
+                if out is not None:  # With the next flush: a burst's acks share a write.
+                    session.send_soon(out)
             elif not self._refused(session, codec, exc, request.id):
                 # As an exception out of the loop would (handle): logged, closed with 1011.
                 log.error("handler crashed", exc_info=exc)

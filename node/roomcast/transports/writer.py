@@ -130,6 +130,19 @@ class FrameWriter:
         self.write_pending(ws)
         self.write_extended(ws, payload)
 
+    def write_soon(self, ws: ServerConnection, payload: bytes) -> None:
+        """Queue ``payload`` for ``ws`` after what fan-out holds for it (its share of the
+        queued room-wide frames joins its pending list first), written by the next flush;
+        a reply sent after it flushes it first (write_now), a close writes it first
+        (write_pending). Through the extension, at once, where ``ws`` has one."""
+        if not raw_writable(ws):
+            self.write_now(ws, payload)
+            return
+        if self.before_write_one is not None:
+            self.before_write_one(ws)
+        self.queue(ws, text_frame(payload), 1)
+        self.schedule()
+
     def write_extended(self, ws: ServerConnection, payload: bytes) -> None:
         """Write ``payload`` to ``ws`` now, through its extension if it negotiated one."""
         if raw_writable(ws):
