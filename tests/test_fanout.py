@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from types import SimpleNamespace
+from typing import Any
 
 import pytest
 from hypothesis import given, settings
@@ -16,7 +18,13 @@ from websockets.frames import Frame, Opcode
 from websockets.protocol import CLOSED, CLOSING
 from websockets.streams import StreamReader
 
-from roomcast.transports.writer import FrameWriter, text_frame
+from roomcast.config import Config
+from roomcast.metrics import Metrics
+from roomcast.service.connection import Identity
+from roomcast.service.ratelimit import TokenBucket
+from roomcast.transports.session import Session
+from roomcast.transports.websocket import AdmittedConnection
+from roomcast.transports.writer import FrameWriter, SendBudget, SessionFanout, text_frame
 
 
 def parse(data: bytes) -> tuple[Frame, bytes]:
@@ -122,21 +130,65 @@ async def test_writer_close_after_queue_drops_pending_frames(pair: Pair) -> None
     assert closed.value.rcvd is not None and closed.value.rcvd.code == 1012
 
 
+def session_of(ws: ServerConnection, writer: FrameWriter, fanout: SessionFanout | None = None,
+               ) -> Session:
+    """A node's Session over ``ws`` (so that SessionFanout and the close find it)."""
+    budget = fanout.budget if fanout is not None else SendBudget(Metrics(), 1 << 20)
+    session = Session(ws=ws, writer=writer, identity=Identity("u", "u"), codec="native",
+                      limiter=TokenBucket(100, 100), budget=budget)
+    ws.session = session  # type: ignore[attr-defined]  # As AdmittedConnection has it.
+    return session
+
+
 async def test_write_soon_joins_the_next_flush_in_order(pair: Pair) -> None:
-    """Replies sent with write_soon (publish acks) wait for the next flush and share its one
-    write, after the fan-out queued before them; a reply sent at once after them (write_now)
-    writes them first, so the client sees everything in the order it was sent."""
+    """Replies sent with send_soon (publish acks) wait for the next flush and share its one
+    write, after the room's fan-out queued before them and before the fan-out queued after
+    them; a reply sent at once after them (send) writes them first, so the client sees
+    everything in the order it was sent."""
     ws = pair.server_side[0]
     client = next(c for c in pair.clients if c.local_address[1] == ws.remote_address[1])
     writer = FrameWriter()
-    writer.send([ws], b'{"fanout":1}')
-    writer.write_soon(ws, b'{"ack":1}')
-    writer.write_soon(ws, b'{"ack":2}')
-    assert writer.writes == 0 and len(writer.pending[ws]) == 3  # Nothing written yet.
+    fanout = SessionFanout(writer, Metrics(), 1 << 20)
+    session = session_of(ws, writer, fanout)
+    room: dict[Any, None] = {session: None}  # A room's member group.
+    fanout.send(room, b'{"fanout":1}')
+    session.send_soon(b'{"ack":1}')
+    fanout.send(room, b'{"fanout":2}')
+    session.send_soon(b'{"ack":2}')
+    assert writer.writes == 0  # Nothing written yet.
     writer.flush()
-    assert writer.writes == 1  # The frame and both acks: one write.
-    writer.write_soon(ws, b'{"ack":3}')
-    writer.write_now(ws, b'{"reply":1}')  # Flushes ack 3 first.
+    assert writer.writes == 1  # Both frames and both acks: one write.
+    session.send_soon(b'{"ack":3}')
+    session.send(b'{"reply":1}')  # Writes ack 3 first.
     assert ws not in writer.pending
-    got = [await asyncio.wait_for(client.recv(), 5) for _ in range(5)]
-    assert got == ['{"fanout":1}', '{"ack":1}', '{"ack":2}', '{"ack":3}', '{"reply":1}']
+    got = [await asyncio.wait_for(client.recv(), 5) for _ in range(6)]
+    assert got == ['{"fanout":1}', '{"ack":1}', '{"fanout":2}', '{"ack":2}', '{"ack":3}',
+                   '{"reply":1}']
+
+
+async def test_a_close_writes_the_waiting_acks_first() -> None:
+    """An ack waiting for the next flush is written before the close frame of a close the
+    node starts on the connection itself (the handler's crash path, the flood close), not
+    dropped by the flush that comes after the close."""
+
+    class Connection(AdmittedConnection):
+        pass
+
+    Connection.endpoint = SimpleNamespace(  # type: ignore[assignment]  # What it reads.
+        config=Config(), metrics=Metrics(), gate=None)
+    writer = FrameWriter()
+
+    async def handler(ws: ServerConnection) -> None:
+        assert isinstance(ws, Connection)
+        session_of(ws, writer)
+        writer.write_soon(ws, b'{"ack":1}')
+        await ws.close(1011, "internal error")
+
+    async with serve(handler, "127.0.0.1", 0, compression=None,
+                     create_connection=Connection) as server:
+        port = next(iter(server.sockets)).getsockname()[1]
+        async with connect(f"ws://127.0.0.1:{port}", compression=None) as client:
+            assert await asyncio.wait_for(client.recv(), 5) == '{"ack":1}'
+            with pytest.raises(ConnectionClosed) as closed:
+                await asyncio.wait_for(client.recv(), 5)
+            assert closed.value.rcvd is not None and closed.value.rcvd.code == 1011

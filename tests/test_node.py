@@ -337,6 +337,42 @@ async def test_slow_consumer_is_closed_and_others_get_everything(
     assert code == 4000 and slow.ws.close_reason == "slow consumer"
 
 
+async def test_slow_consumer_that_never_reads_again_is_dropped(
+    start_node: Callable[..., NodeProcess],
+) -> None:
+    """A member cut off as a slow consumer that never reads again is dropped --close-timeout
+    after its 4000, with its buffer: not left open until a keepalive ping (there is none here,
+    --ping-interval 0), while the other members keep receiving."""
+    node = start_node(None, "--max-send-buffer", "65536", "--rate-limit", "100000",
+                      "--rate-burst", "100000", "--max-message-size", "1048576",
+                      "--ping-interval", "0", "--close-timeout", "1")
+    slow, fast, pub = await native(node, "slow"), await native(node, "fast"), await native(
+        node, "pub")
+    for client in (slow, fast):
+        await client.request({"type": "join", "room": "r", "id": 1})
+    slow.ws.transport.pause_reading()  # For good.
+    blob = "x" * 16384
+    sent = received = 0
+    while sent < 4000 and not node.logged("closing slow consumer"):  # Bounded: 64 MiB.
+        for _ in range(50):
+            await pub.send({"type": "publish", "room": "r", "data": blob})
+            sent += 1
+        while received < sent - 100:
+            await fast.expect("message", timeout=10)
+            received += 1
+    assert node.logged("closing slow consumer"), f"no cut after {sent} messages"
+    cut = node.logged("closing slow consumer")[0]["conn_id"]
+
+    def closed() -> list[dict[str, Any]]:
+        return [line for line in node.logged("connection closed") if line.get("conn_id") == cut]
+
+    await wait_for(closed, timeout=15, what="the cut connection dropped")
+    assert closed()[0]["code"] == 4000
+    while received < sent:  # The others lost nothing meanwhile.
+        await fast.expect("message", timeout=10)
+        received += 1
+
+
 def raw_request(node: NodeProcess, head: str) -> bytes:
     """Send ``head`` as an HTTP request on a raw socket; the status line of the answer."""
     import socket

@@ -348,6 +348,26 @@ class AdmittedConnection(ServerConnection):
             # The library wrote the pong: the same slow-consumer check as every other write.
             self.endpoint.budget.admits(self.session)
 
+    async def close(self, code: int = CloseCode.NORMAL, reason: str = "") -> None:
+        """websockets' closing handshake, bounded as a whole by ``close_timeout``, then the
+        connection is dropped. The library first waits, without a limit, for the transport to
+        drain below its high-water mark, and only then starts its own close_timeout: a client
+        that stopped reading (a slow consumer, cut with 4000, has more than --max-send-buffer
+        waiting) would keep its connection, and the node that buffer, until the next keepalive
+        ping, or for good with --ping-interval 0.
+
+        What the writer holds for it (fan-out, acks waiting for the next flush) is written
+        before the close frame, as Session.close does, unless it is a slow consumer being cut:
+        also when the handler's crash path or the flood close call this directly."""
+        session = self.session
+        if session is not None and not session.slow:
+            session.writer.write_pending(self)
+        try:
+            async with asyncio.timeout(self.close_timeout):
+                await super().close(code, reason)
+        except TimeoutError:
+            self.transport.abort()
+
     def close_flooding(self) -> None:
         """Close with 1008 'rate limit exceeded' and stop reading: nothing more it sends is
         looked at (the connection is dropped FLOOD_CLOSE_TIMEOUT later). Idempotent."""
