@@ -314,3 +314,33 @@ async def test_busy_pool_makes_a_command_wait_then_fail_as_pool(config: Config) 
             await pool.release(connection)
     finally:
         await client.aclose()
+
+
+async def test_new_connections_name_the_library_without_reading_its_metadata(
+    config: Config, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Connections of the node's clients still carry which library and version they are (what
+    CLIENT SETINFO sends where Redis has it, 7.2 on: lib-name, lib-ver), from what was read
+    once at start: making one does not look the version up on disk again, which a join storm
+    that grows the pools paid per connection (0.6 ms of CPU each)."""
+    import importlib.metadata
+
+    lookups: list[str] = []
+    real = importlib.metadata.version
+    monkeypatch.setattr(importlib.metadata, "version",
+                        lambda name: lookups.append(name) or real(name))
+    client = connect(config, pool_size=4)
+    pool = client.connection_pool
+    try:
+        held = [await pool.get_connection() for _ in range(3)]  # Three new connections.
+        assert {(c.driver_info.formatted_name, c.driver_info.lib_version)
+                for c in held} == {("redis-py", real("redis"))}
+        for connection in held:
+            await pool.release(connection)
+        assert await client.ping() is True
+        listed = [c for c in await client.client_list()
+                  if c["name"] == "roomcast:health-test:commands"]
+        assert len(listed) == 3
+        assert lookups == []
+    finally:
+        await client.aclose()
