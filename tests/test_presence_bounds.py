@@ -190,3 +190,39 @@ async def test_a_rooms_presence_keys_are_refreshed_while_it_has_members(
         assert await store.members("r") == [ann]
     finally:
         await store.close()
+
+
+async def test_a_storm_of_first_joins_registers_the_room_in_batches(
+    redis_server: RedisServer, redis_client: aioredis.Redis,
+) -> None:
+    """200 joins of a room the node has no entry of yet, at once: each puts the room in the
+    node's rooms set (which a reaper of the node walks) with the set's TTL, as one batched
+    script call in the same pipelines as the entries, not a MULTI transaction on a pooled
+    connection of its own (200 at once emptied the pool: 'unavailable'); the set holds the
+    room, with a TTL, and every member is there."""
+    from tests.unit.test_slots import Monitor
+
+    keys = Keys(f"storm-{secrets.token_hex(4)}")
+
+    async def ignore(room: str, user_id: str, username: str) -> None:
+        del room, user_id, username
+
+    store = RedisPresence(redis_client, keys, "n1", grace=0.3, lease_ttl=2.0)
+    await store.start(ignore)
+    monitor = Monitor("127.0.0.1", redis_server.port)
+    await monitor.start()
+    try:
+        members = [Member(f"u{i}", f"U{i}", "n1", f"c{i}", i) for i in range(200)]
+        assert all(await asyncio.gather(*(store.add("r", m) for m in members)))
+        commands = await monitor.stop(redis_client, keys=False)
+        names = [c.name for c in commands]
+        assert "MULTI" not in names
+        registering = [c for c in commands if c.name == "EVALSHA"
+                       and keys.node_rooms("n1").encode() in c.args]
+        assert registering  # (Twice each, the first time Redis has not loaded the script.)
+        assert len({c.source for c in registering}) == 1  # The batcher's one connection.
+        assert await redis_client.smembers(keys.node_rooms("n1")) == {b"r"}
+        assert await redis_client.pttl(keys.node_rooms("n1")) > 0
+        assert len(await store.members("r")) == 200
+    finally:
+        await store.close()

@@ -140,7 +140,7 @@ USER_CONNS_TTL_MS = 24 * 3600 * 1000
 USER_BATCH = 1000
 
 SCRIPTS = ("presence_add", "presence_remove", "reap_node", "leaves_due", "claim_nick",
-           "claim_due", "leave_index", "open_connection")
+           "claim_due", "leave_index", "open_connection", "register_room")
 
 #: Connection settings the lease thread's synchronous client takes over from the async client.
 _SYNC_SETTINGS = ("host", "port", "db", "username", "password", "path", "socket_timeout",
@@ -657,12 +657,13 @@ class RedisPresence:
         return bool(fresh)
 
     async def _register_room(self, room: str) -> None:
-        """Put ``room`` in this node's rooms set (with the room keys' TTL)."""
-        key = self._keys.node_rooms(self._node_id)
-        async with self._redis.pipeline(transaction=True) as pipe:
-            pipe.sadd(key, room)
-            pipe.pexpire(key, self._key_ttl_ms)
-            await pipe.execute()
+        """Put ``room`` in this node's rooms set (with the room keys' TTL): one script through
+        the batcher, in the pipeline with the entry written after it. Until the node knows an
+        entry of the room every join does this; the first joins of a storm, hundreds before
+        the first reply, made one MULTI pipeline (and pooled connection) each."""
+        await self._batch.script(self._scripts["register_room"],
+                                 [self._keys.node_rooms(self._node_id)],
+                                 [room, self._key_ttl_ms])
 
     @unavailable_on_redis_error
     async def restore(self, room: str, user_id: str) -> None:
