@@ -118,6 +118,40 @@ async def test_second_sigterm_closes_the_rest_with_1001(
     assert node.wait(timeout=10) == 0
 
 
+async def test_stop_drops_a_client_that_does_not_read_within_the_close_timeout(
+    start_node: Callable[..., NodeProcess],
+) -> None:
+    """A second SIGTERM closes everyone with 1001 within --close-timeout: a member that stopped
+    reading with megabytes waiting for it (not a slow consumer yet: --max-send-buffer is
+    larger) cannot finish its closing handshake, and is dropped when that time is up instead
+    of outliving the node's shutdown (its handler ends, and is not cancelled at the exit)."""
+    node = start_node(None, "--drain-delay", "30", "--close-timeout", "1", "--ping-interval",
+                      "0", "--max-send-buffer", str(64 << 20), "--rate-limit", "100000",
+                      "--rate-burst", "100000", "--max-message-size", "1048576")
+    stuck, fast, pub = (await native(node, "stuck"), await native(node, "fast"),
+                        await native(node, "pub"))
+    for client in (stuck, fast):
+        await client.request({"type": "join", "room": "r", "id": 1})
+    conn_id = stuck.seen[0]["conn_id"]  # Its welcome.
+    stuck.ws.transport.pause_reading()  # For good: the kernel's buffers fill, then the node's.
+    blob = "x" * 16384
+    for sent in range(1, 1001):  # 16 MB, more than the kernel's socket buffers hold.
+        await pub.send({"type": "publish", "room": "r", "data": blob})
+        if sent % 50 == 0:  # Paced by the member that reads.
+            for _ in range(50):
+                await fast.expect("message", timeout=10)
+    assert not node.logged("closing slow consumer")
+    node.signal(signal.SIGTERM)
+    await wait_for(lambda: node.logged("drain started"), timeout=5, what="drain start")
+    node.signal(signal.SIGTERM)
+    assert await fast.closed(timeout=10) == 1001
+    assert node.wait(timeout=15) == 0
+    events = [(line.get("event"), line.get("conn_id"), line.get("code")) for line in node.lines]
+    closed = events.index(("connection closed", conn_id, 1001))
+    # Before the node stopped, not when the loop was torn down under its handler.
+    assert closed < [event for event, _, _ in events].index("node stopped")
+
+
 async def test_admin_drain_needs_the_token(start_node: Callable[..., NodeProcess]) -> None:
     """POST /admin/drain with the bearer token starts a drain; a wrong token gets 401."""
     node = start_node(None, "--admin-token", "s3cret", "--drain-delay", "0.2",

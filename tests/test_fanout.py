@@ -192,3 +192,32 @@ async def test_a_close_writes_the_waiting_acks_first() -> None:
             with pytest.raises(ConnectionClosed) as closed:
                 await asyncio.wait_for(client.recv(), 5)
             assert closed.value.rcvd is not None and closed.value.rcvd.code == 1011
+
+
+async def test_a_close_goes_out_even_when_writing_before_it_fails() -> None:
+    """A bug in what writes the pending frames before a close (fan-out's bookkeeping) is
+    logged, and the connection is still closed: not left open for good."""
+
+    class Connection(AdmittedConnection):
+        pass
+
+    Connection.endpoint = SimpleNamespace(  # type: ignore[assignment]  # What it reads.
+        config=Config(), metrics=Metrics(), gate=None)
+    writer = FrameWriter()
+
+    def broken(ws: ServerConnection) -> None:
+        raise RuntimeError("a bug in settle_one")
+
+    writer.before_write_one = broken
+
+    async def handler(ws: ServerConnection) -> None:
+        session_of(ws, writer)
+        await ws.close(1011, "internal error")
+
+    async with serve(handler, "127.0.0.1", 0, compression=None,
+                     create_connection=Connection) as server:
+        port = next(iter(server.sockets)).getsockname()[1]
+        async with connect(f"ws://127.0.0.1:{port}", compression=None) as client:
+            with pytest.raises(ConnectionClosed) as closed:
+                await asyncio.wait_for(client.recv(), 5)
+            assert closed.value.rcvd is not None and closed.value.rcvd.code == 1011

@@ -19,6 +19,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import structlog
+from websockets.protocol import State
 
 from roomcast import clock
 from roomcast.protocol import dialects, envelopes
@@ -94,3 +95,9 @@ async def close_now(sessions: Sequence[Session], code: int, reason: str, within:
     if tasks:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), within)
+        # The wait's end cancelled the closes still under way, before the limit of each
+        # (AdmittedConnection.close, the same length, started a moment later) could drop its
+        # connection: a client that does not read would outlive the shutdown. Dropped here.
+        for session in sessions:
+            if session.ws.protocol.state is not State.CLOSED:
+                session.ws.transport.abort()

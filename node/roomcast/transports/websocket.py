@@ -361,7 +361,10 @@ class AdmittedConnection(ServerConnection):
         also when the handler's crash path or the flood close call this directly."""
         session = self.session
         if session is not None and not session.slow:
-            session.writer.write_pending(self)
+            try:
+                session.writer.write_pending(self)
+            except Exception:  # A bug in fan-out must not keep the connection open as well.
+                log.error("writing before a close failed", exc_info=True)
         try:
             async with asyncio.timeout(self.close_timeout):
                 await super().close(code, reason)
