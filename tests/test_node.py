@@ -303,22 +303,21 @@ async def test_sigterm_closes_clients_and_exits_zero(
     assert await stopping == 0
 
 
-async def test_slow_consumer_is_closed_and_others_get_everything(
-    start_node: Callable[..., NodeProcess],
-) -> None:
-    """A member that stops reading is closed with 4000 once its send buffer passes
-    --max-send-buffer; the other members keep receiving every message."""
-    node = start_node(None, "--max-send-buffer", "65536", "--rate-limit", "100000",
-                      "--rate-burst", "100000", "--max-message-size", "1048576")
+SLOW_CONSUMER_FLAGS = ("--max-send-buffer", "65536", "--rate-limit", "100000", "--rate-burst",
+                       "100000", "--max-message-size", "1048576")
+
+
+async def cut_slow_member(node: NodeProcess) -> tuple[Client, Client, int, int]:
+    """Members ``slow`` and ``fast`` of room r, and a publisher: ``slow`` stops reading and
+    16 KB messages are published, ``fast`` keeping up, until the node cuts ``slow`` (bounded:
+    at most 4000 messages, 64 MiB). Returns slow, fast, messages sent and read by fast."""
     slow, fast, pub = await native(node, "slow"), await native(node, "fast"), await native(
         node, "pub")
     for client in (slow, fast):
         await client.request({"type": "join", "room": "r", "id": 1})
     slow.ws.transport.pause_reading()  # Stops reading: the kernel buffers fill, then ours.
     blob = "x" * 16384
-    sent = 0
-    received = 0
-    # Bounded: at most 4000 messages (64 MiB) or until the node reports the cut.
+    sent = received = 0
     while sent < 4000 and not node.logged("closing slow consumer"):
         for _ in range(50):
             await pub.send({"type": "publish", "room": "r", "data": blob})
@@ -327,6 +326,16 @@ async def test_slow_consumer_is_closed_and_others_get_everything(
             await fast.expect("message", timeout=10)
             received += 1
     assert node.logged("closing slow consumer"), f"no cut after {sent} messages"
+    return slow, fast, sent, received
+
+
+async def test_slow_consumer_is_closed_and_others_get_everything(
+    start_node: Callable[..., NodeProcess],
+) -> None:
+    """A member that stops reading is closed with 4000 once its send buffer passes
+    --max-send-buffer; the other members keep receiving every message."""
+    node = start_node(None, *SLOW_CONSUMER_FLAGS)
+    slow, fast, sent, received = await cut_slow_member(node)
     while received < sent:
         await fast.expect("message", timeout=10)
         received += 1
@@ -343,24 +352,8 @@ async def test_slow_consumer_that_never_reads_again_is_dropped(
     """A member cut off as a slow consumer that never reads again is dropped --close-timeout
     after its 4000, with its buffer: not left open until a keepalive ping (there is none here,
     --ping-interval 0), while the other members keep receiving."""
-    node = start_node(None, "--max-send-buffer", "65536", "--rate-limit", "100000",
-                      "--rate-burst", "100000", "--max-message-size", "1048576",
-                      "--ping-interval", "0", "--close-timeout", "1")
-    slow, fast, pub = await native(node, "slow"), await native(node, "fast"), await native(
-        node, "pub")
-    for client in (slow, fast):
-        await client.request({"type": "join", "room": "r", "id": 1})
-    slow.ws.transport.pause_reading()  # For good.
-    blob = "x" * 16384
-    sent = received = 0
-    while sent < 4000 and not node.logged("closing slow consumer"):  # Bounded: 64 MiB.
-        for _ in range(50):
-            await pub.send({"type": "publish", "room": "r", "data": blob})
-            sent += 1
-        while received < sent - 100:
-            await fast.expect("message", timeout=10)
-            received += 1
-    assert node.logged("closing slow consumer"), f"no cut after {sent} messages"
+    node = start_node(None, *SLOW_CONSUMER_FLAGS, "--ping-interval", "0", "--close-timeout", "1")
+    _, fast, sent, received = await cut_slow_member(node)  # It stays paused for good.
     cut = node.logged("closing slow consumer")[0]["conn_id"]
 
     def closed() -> list[dict[str, Any]]:
