@@ -74,11 +74,10 @@ async def close_paced(
         for session in sessions[index : index + size]:
             if session.ws.close_code is not None:
                 continue
-            if session.codec == dialects.NATIVE:
+            if session.codec == dialects.NATIVE:  # The other dialects have no hint.
                 session.send(envelopes.reconnect(
                     rng.randint(0, MAX_RETRY_JITTER_MS), positions(session)))
-            else:  # No hint in its dialect: what fan-out holds for it goes before the close.
-                session.writer.write_pending(session.ws)
+            # What fan-out holds for it goes before the close (AdmittedConnection.close).
             tasks.append(asyncio.ensure_future(
                 session.ws.close(CloseCode.SERVICE_RESTART, "service restart")))
         index += size
@@ -86,10 +85,8 @@ async def close_paced(
 
 
 async def close_now(sessions: Sequence[Session], code: int, reason: str, within: float) -> None:
-    """Close every session at once (the fast path), waiting at most ``within`` seconds."""
-    for session in sessions:
-        if session.ws.close_code is None and not session.slow:
-            session.writer.write_pending(session.ws)  # What fan-out holds, before the close.
+    """Close every session at once (the fast path), waiting at most ``within`` seconds; what
+    fan-out holds for each goes before its close (AdmittedConnection.close)."""
     tasks = [asyncio.ensure_future(s.ws.close(code, reason)) for s in sessions
              if s.ws.close_code is None]
     if tasks:

@@ -71,9 +71,8 @@ class Session:
 
     def close(self, code: int, reason: str) -> None:
         """Start the closing handshake in the background, after what fan-out still holds for
-        this client (unless it is being cut off as a slow consumer: nothing more for it)."""
-        if not self.slow:
-            self.writer.write_pending(self.ws)
+        this client (unless it is being cut off as a slow consumer: nothing more for it), which
+        the connection's close writes first (websocket.AdmittedConnection.close)."""
         task = asyncio.ensure_future(self.ws.close(code, reason))
         task.add_done_callback(_log_task_error)
 

@@ -357,8 +357,9 @@ class AdmittedConnection(ServerConnection):
         ping, or for good with --ping-interval 0.
 
         What the writer holds for it (fan-out, acks waiting for the next flush) is written
-        before the close frame, as Session.close does, unless it is a slow consumer being cut:
-        also when the handler's crash path or the flood close call this directly."""
+        before the close frame, unless it is a slow consumer being cut: the one place that does
+        so for every close the node starts (Session.close, the drain, the stop, the handler's
+        crash path, the flood close)."""
         session = self.session
         if session is not None and not session.slow:
             try:
